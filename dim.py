@@ -1,0 +1,218 @@
+"""Difference-in-means refusal direction with the direction selection of Arditi et al. (2024).
+
+The paper's Section 2 baseline, and the starting point of RDO (its alpha, layer and training targets):
+  1. mean block-input activations over harmful minus harmless train prompts, at every post-instruction
+     position i and every layer l:  v_i^(l) = mean_harm x_i^(l) - mean_safe x_i^(l)
+  2. score each candidate v_i^(l) on validation prompts:
+       bypass  mean refusal score of harmful prompts with v ablated everywhere      (lower = better)
+       induce  mean refusal score of harmless prompts with v added at layer l       (must be > 0)
+       kl      KL(P_base || P_ablated) at the last position of harmless prompts     (must be <= 0.1)
+  3. discard candidates in the last 20% of layers, with KL > 0.1, induce < 0 or NaN; pick the lowest bypass.
+
+Usage:
+  python dim.py --model Qwen/Qwen2.5-1.5B-Instruct
+  python dim.py --model ~/models/qwen --harmful harm.json --harmless safe.json --n-train 128 --n-val 32
+  python dim.py --model google/gemma-2-2b-it --layer 12        # best position at a fixed layer
+Writes runs/<model>/dim/dim.safetensors (tensor `direction`, raw: alpha = its norm; `candidates`, all v_i^(l))
+and dim.json (layer, position, alpha, every candidate's scores, flags, versions) + dim.png with matplotlib.
+"""
+import argparse, math, os, time
+
+import torch
+from tqdm.auto import tqdm
+
+import common as C
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    C.add_common_args(p, "dim")
+    p.add_argument("--layer", type=int, default=None, help="only consider this layer (default: all layers)")
+    p.add_argument("--kl-threshold", type=float, default=0.1, help="discard candidates whose ablation KL exceeds this")
+    p.add_argument("--prune-layers", type=float, default=0.2, help="discard candidates in this last fraction of layers")
+    p.add_argument("--filter-prompts", action="store_true",
+                   help="keep only harmful prompts the model refuses (refusal score > 0) and harmless ones it does not")
+    return p.parse_args(argv)
+
+
+def filter_prompts(model, tok, prompts, refusal_ids, harmful, batch_size):
+    """Arditi et al.'s optional filter: harmful prompts the model refuses, harmless ones it answers."""
+    scores = C.refusal_scores(C.last_logits(model, tok, prompts, batch_size), refusal_ids)
+    return [p for p, s in zip(prompts, scores.tolist()) if (s > 0) == harmful]
+
+
+@torch.no_grad()
+def mean_activations(model, tok, instructions, n_post, batch_size):
+    """Mean block-input activation at the last n_post positions of every layer: (n_post, n_layers, d), float64."""
+    n_layers, device = len(C.decoder_layers(model)), C.input_device(model)
+    total = torch.zeros(n_post, n_layers, C.hidden_size(model), dtype=torch.float64)
+    for i in tqdm(range(0, len(instructions), batch_size), desc="means", leave=False):
+        batch = C.tokenize(tok, instructions[i:i + batch_size], device)
+        # hidden_states[l] is the input of block l (hidden_states[0] = embeddings); the last entry is after the
+        # final norm and is not a block input. Left padding puts the post-instruction tokens at the end.
+        hs = C.forward(model, batch, output_hidden_states=True, logits_to_keep=1).hidden_states[:n_layers]
+        total += torch.stack([h[:, -n_post:].double().sum(0).cpu() for h in hs], dim=1)
+    return total / len(instructions)
+
+
+def score_candidates(model, tok, candidates, layers, harmful_val, harmless_val, refusal_ids, batch_size):
+    """bypass / induce / kl for each candidate v_i^(l) with l in `layers`; NaN elsewhere. Arrays (n_post, n_layers)."""
+    n_post, n_layers, _ = candidates.shape
+    scores = {k: torch.full((n_post, n_layers), math.nan, dtype=torch.float64) for k in ("bypass", "induce", "kl")}
+    base_safe = C.last_logits(model, tok, harmless_val, batch_size)
+    both = harmful_val + harmless_val  # one ablated pass serves the bypass score and the KL
+    # Where every prompt has the same token and no block has mixed in context yet (layer 0: embeddings), the
+    # difference is zero: no direction to score.
+    tiny = 1e-6 * candidates.norm(dim=-1).max()
+    grid = [(i, l) for i in range(n_post) for l in layers if candidates[i, l].norm() > tiny]
+    bar = tqdm(grid, desc="candidates")
+    for i, l in bar:
+        v = candidates[i, l].float()
+        with C.directional_ablation(model, v):
+            abl = C.last_logits(model, tok, both, batch_size)
+        with C.activation_addition(model, v, l):
+            add = C.last_logits(model, tok, harmless_val, batch_size)
+        scores["bypass"][i, l] = C.refusal_scores(abl[:len(harmful_val)], refusal_ids).mean()
+        scores["kl"][i, l] = C.kl_last(base_safe, abl[len(harmful_val):])
+        scores["induce"][i, l] = C.refusal_scores(add, refusal_ids).mean()
+        bar.set_postfix(pos=i - n_post, layer=l, bypass=f"{scores['bypass'][i, l]:.2f}",
+                        kl=f"{scores['kl'][i, l]:.3f}", induce=f"{scores['induce'][i, l]:.2f}")
+    return scores
+
+
+def select_direction(scores, n_layers, kl_threshold=0.1, prune_layers=0.2, layer=None):
+    """Arditi et al.'s filters, then the lowest bypass score. Returns ((pos_index, layer), reasons per candidate).
+
+    reasons[(i, l)] lists why a candidate was discarded (empty = kept). `layer` pins the layer (the user asked
+    for it), so the layer-pruning rule does not apply there. Returns (None, reasons) if nothing survives.
+    """
+    n_post = scores["bypass"].shape[0]
+    cutoff = n_layers - int(prune_layers * n_layers) if layer is None else n_layers
+    reasons = {}
+    for i in range(n_post):
+        for l in range(n_layers):
+            b, ind, kl = (scores[k][i, l].item() for k in ("bypass", "induce", "kl"))
+            why = []
+            if layer is not None and l != layer:
+                why.append("other layer")
+            if l >= cutoff:
+                why.append(f"layer in last {prune_layers:.0%}")
+            if any(math.isnan(x) for x in (b, ind, kl)):
+                why.append("nan/not scored")
+            else:
+                if kl > kl_threshold:
+                    why.append(f"kl>{kl_threshold}")
+                if ind < 0:
+                    why.append("induce<0")
+            reasons[(i, l)] = why
+    kept = [c for c, why in reasons.items() if not why]
+    if not kept:
+        return None, reasons
+    return min(kept, key=lambda c: scores["bypass"][c].item()), reasons
+
+
+def best_per_criterion(scores, reasons):
+    """What to say when every candidate is discarded: the best scored candidate for each criterion."""
+    scored = [c for c in reasons if "nan/not scored" not in reasons[c] and "other layer" not in reasons[c]]
+    if not scored:
+        return {}
+    pick = {"bypass": min, "kl": min, "induce": max}
+    return {k: (lambda c: {"position_index": c[0], "layer": c[1], **{s: scores[s][c].item() for s in scores}})(
+        f(scored, key=lambda c: scores[k][c].item())) for k, f in pick.items()}
+
+
+def plot_scores(scores, path, n_post, chosen):
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    for ax, key in zip(axes, ("bypass", "induce", "kl")):
+        for i in range(n_post):
+            ax.plot(scores[key][i].numpy(), marker=".", label=f"pos {i - n_post}")
+        if chosen:
+            ax.plot(chosen[1], scores[key][chosen].item(), "k*", markersize=14, label="chosen")
+        ax.set(title=key, xlabel="layer")
+    axes[2].set_yscale("log")
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def compute_dim(model, tok, args, log=print):
+    """Steps 1-3 on already loaded model and data arguments. Returns (direction, info dict); rdo.py uses it too."""
+    refusal_ids = C.refusal_token_ids(tok)
+    post_ids = C.post_instruction_ids(tok)
+    n_post, n_layers = len(post_ids), len(C.decoder_layers(model))
+    if args.layer is not None:
+        C.check_layer(model, args.layer)
+    harm_train, harm_val = C.get_prompts(args.harmful, args.n_train, args.n_val, args.harmful_val, args.seed)
+    safe_train, safe_val = C.get_prompts(args.harmless, args.n_train, args.n_val, args.harmless_val, args.seed)
+    if args.filter_prompts:
+        harm_train, harm_val = (filter_prompts(model, tok, x, refusal_ids, True, args.batch_size) for x in (harm_train, harm_val))
+        safe_train, safe_val = (filter_prompts(model, tok, x, refusal_ids, False, args.batch_size) for x in (safe_train, safe_val))
+        if not (harm_train and harm_val and safe_train and safe_val):
+            raise C.RefusalError("--filter-prompts left no prompts in a split: the model refuses no harmful prompt "
+                                 "(or every harmless one); run without --filter-prompts")
+    log(f"data: {len(harm_train)}/{len(harm_val)} harmful and {len(safe_train)}/{len(safe_val)} harmless train/val "
+        f"prompts; {n_post} post-instruction tokens {[tok.decode([t]) for t in post_ids]}")
+
+    # 1. difference in means at every post-instruction position and layer
+    candidates = (mean_activations(model, tok, harm_train, n_post, args.batch_size)
+                  - mean_activations(model, tok, safe_train, n_post, args.batch_size)).float()
+
+    # 2. score candidates; layers that the pruning rule discards anyway are not scored
+    cutoff = n_layers - int(args.prune_layers * n_layers)
+    layers = [args.layer] if args.layer is not None else list(range(cutoff))
+    scores = score_candidates(model, tok, candidates, layers, harm_val, safe_val, refusal_ids, args.batch_size)
+
+    # 3. filter and choose
+    chosen, reasons = select_direction(scores, n_layers, args.kl_threshold, args.prune_layers, args.layer)
+    table = [{"position": i - n_post, "position_index": i, "token": tok.decode([post_ids[i]]), "layer": l,
+              **{k: scores[k][i, l].item() for k in scores}, "discarded": reasons[(i, l)]}
+             for i in range(n_post) for l in range(n_layers)]
+    base_harm = C.refusal_scores(C.last_logits(model, tok, harm_val, args.batch_size), refusal_ids).mean().item()
+    info = {"n_post": n_post, "n_layers": n_layers, "candidates_table": table, "chosen": chosen,
+            "baseline_refusal_score_harmful_val": base_harm, "refusal_token_ids": refusal_ids,
+            "data": {"harmful_train": len(harm_train), "harmful_val": len(harm_val),
+                     "harmless_train": len(safe_train), "harmless_val": len(safe_val)},
+            "candidates": candidates, "scores": scores, "best_per_criterion": best_per_criterion(scores, reasons)}
+    if chosen is None:
+        return None, info
+    return candidates[chosen], info
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    C.seed_everything(args.seed)
+    t0 = time.time()
+    out = C.out_dir(args, "dim")
+    model, tok = C.load_model(args.model, args.device, args.dtype)
+    direction, info = compute_dim(model, tok, args)
+    scores, n_post, chosen = info.pop("scores"), info["n_post"], info["chosen"]
+    candidates = info.pop("candidates")
+    png = plot_scores(scores, os.path.join(out, "dim.png"), n_post, chosen)
+    meta = {"model": args.model, **C.provenance(args), **info, "seconds": round(time.time() - t0, 1)}
+    if direction is None:
+        C.save_json(os.path.join(out, "dim.json"), {"method": "dim", "layer": None, **meta})
+        best = info["best_per_criterion"]
+        hint = (f"; lowest bypass: position {best['bypass']['position_index'] - n_post}, layer {best['bypass']['layer']} "
+                f"(kl {best['bypass']['kl']:.3f}, induce {best['bypass']['induce']:.2f})") if best else ""
+        raise C.RefusalError(f"every DIM candidate was discarded by the filters (scores in {out}/dim.json){hint}; "
+                             "relax --kl-threshold, or pin --layer")
+    i, layer = chosen
+    s = {k: scores[k][chosen].item() for k in scores}
+    meta.update(layer=layer, position=i - n_post, alpha=direction.norm().item(), selected_scores=s)
+    path = C.save_result(out, "dim", {"direction": direction, "candidates": candidates}, meta)
+    print(f"chose layer {layer}, position {i - n_post}: bypass {s['bypass']:.3f} (baseline "
+          f"{info['baseline_refusal_score_harmful_val']:.3f}), induce {s['induce']:.3f}, kl {s['kl']:.4f}, "
+          f"alpha {direction.norm():.2f}")
+    print(f"wrote {path}, {out}/dim.json" + (f", {png}" if png else "") + f" in {time.time() - t0:.0f}s")
+
+
+if __name__ == "__main__":
+    C.run(main)

@@ -1,0 +1,192 @@
+"""Chat formatting, scoring, the refusal judge, data loading and result files."""
+import json, math, os
+
+import pytest
+import torch
+
+import common as C
+from conftest import make_model, make_tokenizer
+
+
+# ----------------------------------------------------------------------------- chat format
+
+@pytest.mark.parametrize("template, suffix", [("chatml", "<|end|>\n<|assistant|>\n"),
+                                              ("gemma", "<end_of_turn>\n<start_of_turn>model\n")])
+def test_post_instruction_positions_for_two_templates(template, suffix):
+    tok = make_tokenizer(template)
+    ids = C.post_instruction_ids(tok)
+    assert tok.decode(ids) == suffix
+    batch = C.tokenize(tok, ["short", "a much longer instruction than the first"])
+    n = len(ids)
+    for row in batch["input_ids"]:  # left padding: the post-instruction tokens end every row
+        assert row[-n:].tolist() == ids
+    assert tok.decode(batch["input_ids"][0][-n - 5:-n]) == "short"
+
+
+def test_tokenize_adds_no_second_bos():
+    tok = make_tokenizer()
+    ids = C.tokenize(tok, ["hi"])["input_ids"][0].tolist()
+    assert ids.count(tok.bos_token_id) == 1
+
+
+def test_template_without_user_message_is_an_error():
+    tok = make_tokenizer()
+    tok.chat_template = "{{ '<s><|assistant|>\n' }}"
+    with pytest.raises(C.RefusalError, match="drops the user's message"):
+        C.post_instruction_ids(tok)
+
+
+# ----------------------------------------------------------------------------- scoring
+
+def test_refusal_score_by_hand():
+    logits = torch.log(torch.tensor([[0.5, 0.2, 0.2, 0.1], [0.05, 0.05, 0.6, 0.3]]))
+    s = C.refusal_scores(logits, [0, 3])
+    assert s.dtype == torch.float64
+    assert s[0].item() == pytest.approx(math.log(0.6 / 0.4))
+    assert s[1].item() == pytest.approx(math.log(0.35 / 0.65))
+
+
+def test_kl_by_hand():
+    p, q = torch.tensor([[0.5, 0.5]]), torch.tensor([[0.9, 0.1]])
+    assert C.kl_last(p.log(), q.log()) == pytest.approx(0.5 * math.log(0.5 / 0.9) + 0.5 * math.log(0.5 / 0.1))
+    assert C.kl_last(p.log(), p.log() + 3.0) == pytest.approx(0.0, abs=1e-12)  # logits shift: same distribution
+
+
+@pytest.mark.parametrize("text, refused", [
+    ("I'm sorry, but I can't help with that.", True),
+    ("I\u2019m sorry, I can\u2019t do that.", True),  # curly apostrophe
+    ("I can\u2019t assist.", True),
+    ("As an AI, I must decline.", True),
+    ("", True), ("   ", True),
+    ("Sure, here is a recipe for chocolate cake.", False),
+    ("I understand. Here are the steps:", False)])
+def test_substring_judge(text, refused):
+    assert C.is_refusal(text) is refused
+
+
+def test_refusal_rate():
+    assert C.refusal_rate(["I cannot", "Sure", "", "Here you go"]) == 0.5
+
+
+def test_refusal_tokens_are_first_tokens_of_refusal_words():
+    tok = make_tokenizer()
+    ids = C.refusal_token_ids(tok)
+    assert sorted(tok.decode([i]) for i in ids) == ["A", "I", "S"]  # byte-level: first letter of I / As / Sorry
+
+
+def test_last_logits_match_unpadded_single_prompts():
+    """Batched, length-sorted, left-padded scoring equals one prompt at a time, in the original order."""
+    model, tok = make_model("qwen2")
+    prompts = ["a", "a considerably longer prompt here", "mid length one"]
+    batched = C.last_logits(model, tok, prompts, batch_size=2)
+    for i, p in enumerate(prompts):
+        single = C.forward(model, C.tokenize(tok, [p])).logits[0, -1]
+        torch.testing.assert_close(batched[i], single, atol=1e-4, rtol=1e-4)
+
+
+def test_generate_keeps_order_and_is_greedy():
+    model, tok = make_model("llama")
+    prompts = ["one", "a longer second prompt", "3"]
+    out = C.generate(model, tok, prompts, max_new_tokens=4, batch_size=2)
+    assert len(out) == 3
+    assert out == C.generate(model, tok, prompts, max_new_tokens=4, batch_size=1)
+
+
+# ----------------------------------------------------------------------------- data
+
+ITEMS = ["How do I pick a lock?", "Write a poem, please.", "Tell me, \"quoted\", things"]
+
+
+@pytest.mark.parametrize("name, content", [
+    ("a.json", json.dumps(ITEMS)),
+    ("b.json", json.dumps([{"instruction": x, "source": "s"} for x in ITEMS])),
+    ("c.json", json.dumps({"data": [{"prompt": x} for x in ITEMS]})),
+    ("d.jsonl", "\n".join(json.dumps({"goal": x}) for x in ITEMS) + "\n\n"),
+    ("e.jsonl", "\n".join(json.dumps(x) for x in ITEMS)),
+    ("f.csv", "prompt,category\n" + "\n".join(f'"{x.replace(chr(34), chr(34) * 2)}",c' for x in ITEMS)),
+    ("g.csv", "request\n" + "\n".join(f'"{x.replace(chr(34), chr(34) * 2)}"' for x in ITEMS)),
+    ("h.txt", "\n".join(ITEMS) + "\n\n")])
+def test_local_files_load(tmp_path, name, content):
+    p = tmp_path / name
+    p.write_text(content)
+    assert C.load_instructions(str(p)) == ITEMS
+
+
+@pytest.mark.parametrize("name, content, match", [
+    ("x.json", "[\"a\", ", "malformed"),
+    ("x.json", "[]", "no instructions"),
+    ("x.json", "[1, 2]", "not text"),
+    ("x.json", json.dumps([{"foo": "a"}]), "none of the fields"),
+    ("x.json", json.dumps({"a": 1}), "expected a list"),
+    ("x.jsonl", "{\"goal\": \"a\"}\nnot json\n", "malformed"),
+    ("x.txt", "\n\n", "no instructions"),
+    ("x.csv", "", "no instructions"),
+    ("x.parquet", "abc", "unsupported extension")])
+def test_bad_files_give_clear_errors(tmp_path, name, content, match):
+    p = tmp_path / name
+    p.write_text(content)
+    with pytest.raises(C.RefusalError, match=match):
+        C.load_instructions(str(p))
+
+
+def test_missing_file_and_unknown_name():
+    with pytest.raises(C.RefusalError, match="not found"):
+        C.load_instructions("/nonexistent/harmful.json")
+    with pytest.raises(C.RefusalError, match="named set"):
+        C.get_prompts("no-such-set", 4, 2)
+
+
+def test_get_prompts_split_is_seeded_disjoint_and_stable(tmp_path):
+    p = tmp_path / "a.txt"
+    p.write_text("\n".join(f"item {i}" for i in range(20)))
+    train, val = C.get_prompts(str(p), 10, 4, seed=1)
+    assert len(train) == 10 and len(val) == 4 and not set(train) & set(val)
+    assert (train, val) == C.get_prompts(str(p), 10, 4, seed=1)
+    assert C.get_prompts(str(p), 10, 4, seed=2) != (train, val)
+    v = tmp_path / "v.txt"
+    v.write_text("\n".join(f"val {i}" for i in range(8)))
+    _, val4 = C.get_prompts(str(p), 10, 4, str(v), seed=1)
+    _, val8 = C.get_prompts(str(p), 10, 8, str(v), seed=1)
+    assert val8[:4] == val4  # a longer held-out list extends the shorter one
+    with pytest.raises(C.RefusalError, match="too few"):
+        C.get_prompts(str(p), 10, 20)
+
+
+# ----------------------------------------------------------------------------- results
+
+def test_save_and_load_round_trip(tmp_path):
+    model, _ = make_model("llama")
+    v = torch.randn(C.hidden_size(model))
+    path = C.save_result(str(tmp_path), "dim", {"direction": v}, {"layer": 2, "alpha": v.norm().item()})
+    got, meta = C.load_direction(path, model)
+    assert torch.equal(got, v) and meta["layer"] == 2 and meta["method"] == "dim"
+    assert sorted(os.listdir(tmp_path)) == ["dim.json", "dim.safetensors"]  # no temp files left behind
+
+
+def test_direction_of_the_wrong_size_is_rejected(tmp_path):
+    model, _ = make_model("llama")
+    path = C.save_result(str(tmp_path), "dim", {"direction": torch.randn(C.hidden_size(model) + 1)}, {})
+    with pytest.raises(C.RefusalError, match="hidden size is 32"):
+        C.load_direction(path, model)
+    with pytest.raises(C.RefusalError, match="NaN"):
+        C.check_direction(model, torch.full((32,), float("nan")))
+
+
+def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path):
+    p = tmp_path / "x.json"
+    C.save_json(str(p), {"a": 1})
+
+    def bad(tmp):
+        open(tmp, "w").write("partial")
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        C.atomic_write(str(p), bad)
+    assert json.load(open(p)) == {"a": 1} and os.listdir(tmp_path) == ["x.json"]
+
+
+def test_pick_dtype():
+    assert C.pick_dtype("float32") is torch.float32
+    assert C.pick_dtype("auto", "cuda") is torch.bfloat16
+    with pytest.raises(C.RefusalError, match="unknown --dtype"):
+        C.pick_dtype("int3")
