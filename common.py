@@ -337,17 +337,30 @@ def kl_last(base_logits, logits):
 # ----------------------------------------------------------------------------- generation
 
 @torch.no_grad()
-def generate(model, tokenizer, instructions, max_new_tokens=64, batch_size=32, desc="generate"):
-    """Greedy completions (text), batched and left-padded; run inside a hook context to generate with it."""
+def generate_ids(model, tokenizer, instructions, max_new_tokens=64, batch_size=32, desc="generate"):
+    """Greedy completions as token-id lists (cut after the first EOS), batched and left-padded.
+
+    Run inside a hook context to generate with an intervention: the hooks see every new token.
+    """
     device = input_device(model)
+    eos = model.generation_config.eos_token_id  # chat models often stop on several tokens (e.g. <|im_end|>)
+    stop = {tokenizer.eos_token_id, *(eos if isinstance(eos, list) else [eos])} - {None}
     order, out = by_length(tokenizer, instructions), {}
     for i in tqdm(range(0, len(order), batch_size), desc=desc, leave=False):
         idx = order[i:i + batch_size]
         batch = tokenize(tokenizer, [instructions[j] for j in idx], device)
         ids = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False, temperature=None, top_p=None,
-                             top_k=None, pad_token_id=tokenizer.pad_token_id)
-        out.update(zip(idx, tokenizer.batch_decode(ids[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)))
+                             top_k=None, pad_token_id=tokenizer.pad_token_id)[:, batch["input_ids"].shape[1]:]
+        for j, row in zip(idx, ids.tolist()):
+            end = next((k + 1 for k, t in enumerate(row) if t in stop), len(row))
+            out[j] = row[:end]
     return [out[j] for j in range(len(instructions))]
+
+
+def generate(model, tokenizer, instructions, max_new_tokens=64, batch_size=32, desc="generate"):
+    """Greedy completions as text (see generate_ids)."""
+    ids = generate_ids(model, tokenizer, instructions, max_new_tokens, batch_size, desc)
+    return tokenizer.batch_decode(ids, skip_special_tokens=True)
 
 
 # ----------------------------------------------------------------------------- data
@@ -533,6 +546,7 @@ def save_json(path, obj):
 def save_result(folder, method, tensors, meta):
     """Write folder/method.safetensors (fp32 tensors) and folder/method.json (meta); returns the tensor path."""
     from safetensors.torch import save_file
+    os.makedirs(folder, exist_ok=True)
     path = os.path.join(folder, f"{method}.safetensors")
     tensors = {k: v.detach().float().cpu().contiguous().clone() for k, v in tensors.items()}  # clone: no shared storage
     atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={"method": method}))

@@ -29,6 +29,7 @@ def parse_args(argv=None):
     C.add_common_args(p, "dim")
     p.add_argument("--layer", type=int, default=None, help="only consider this layer (default: all layers)")
     p.add_argument("--kl-threshold", type=float, default=0.1, help="discard candidates whose ablation KL exceeds this")
+    p.add_argument("--induce-threshold", type=float, default=0.0, help="discard candidates whose induce score is below this")
     p.add_argument("--prune-layers", type=float, default=0.2, help="discard candidates in this last fraction of layers")
     p.add_argument("--filter-prompts", action="store_true",
                    help="keep only harmful prompts the model refuses (refusal score > 0) and harmless ones it does not")
@@ -55,32 +56,44 @@ def mean_activations(model, tok, instructions, n_post, batch_size):
     return total / len(instructions)
 
 
+def score_direction(model, tok, v, layer, harmful_val, harmless_val, base_safe, refusal_ids, batch_size):
+    """The three selection scores of one direction v (its norm is the addition strength) at `layer`."""
+    with C.directional_ablation(model, v):  # one ablated pass serves the bypass score and the KL
+        abl = C.last_logits(model, tok, harmful_val + harmless_val, batch_size)
+    with C.activation_addition(model, v, layer):
+        add = C.last_logits(model, tok, harmless_val, batch_size)
+    return {"bypass": C.refusal_scores(abl[:len(harmful_val)], refusal_ids).mean().item(),
+            "induce": C.refusal_scores(add, refusal_ids).mean().item(),
+            "kl": C.kl_last(base_safe, abl[len(harmful_val):])}
+
+
 def score_candidates(model, tok, candidates, layers, harmful_val, harmless_val, refusal_ids, batch_size):
     """bypass / induce / kl for each candidate v_i^(l) with l in `layers`; NaN elsewhere. Arrays (n_post, n_layers)."""
     n_post, n_layers, _ = candidates.shape
     scores = {k: torch.full((n_post, n_layers), math.nan, dtype=torch.float64) for k in ("bypass", "induce", "kl")}
     base_safe = C.last_logits(model, tok, harmless_val, batch_size)
-    both = harmful_val + harmless_val  # one ablated pass serves the bypass score and the KL
     # Where every prompt has the same token and no block has mixed in context yet (layer 0: embeddings), the
     # difference is zero: no direction to score.
     tiny = 1e-6 * candidates.norm(dim=-1).max()
     grid = [(i, l) for i in range(n_post) for l in layers if candidates[i, l].norm() > tiny]
     bar = tqdm(grid, desc="candidates")
     for i, l in bar:
-        v = candidates[i, l].float()
-        with C.directional_ablation(model, v):
-            abl = C.last_logits(model, tok, both, batch_size)
-        with C.activation_addition(model, v, l):
-            add = C.last_logits(model, tok, harmless_val, batch_size)
-        scores["bypass"][i, l] = C.refusal_scores(abl[:len(harmful_val)], refusal_ids).mean()
-        scores["kl"][i, l] = C.kl_last(base_safe, abl[len(harmful_val):])
-        scores["induce"][i, l] = C.refusal_scores(add, refusal_ids).mean()
-        bar.set_postfix(pos=i - n_post, layer=l, bypass=f"{scores['bypass'][i, l]:.2f}",
-                        kl=f"{scores['kl'][i, l]:.3f}", induce=f"{scores['induce'][i, l]:.2f}")
+        s = score_direction(model, tok, candidates[i, l].float(), l, harmful_val, harmless_val, base_safe,
+                            refusal_ids, batch_size)
+        for k in scores:
+            scores[k][i, l] = s[k]
+        bar.set_postfix(pos=i - n_post, layer=l, **{k: f"{v:.3f}" for k, v in s.items()})
     return scores
 
 
-def select_direction(scores, n_layers, kl_threshold=0.1, prune_layers=0.2, layer=None):
+def discard_reasons(s, kl_threshold=0.1, induce_threshold=0.0):
+    """Arditi et al.'s score filters for one candidate's scores (empty list = kept)."""
+    if any(math.isnan(s[k]) for k in ("bypass", "induce", "kl")):
+        return ["nan/not scored"]
+    return [f"kl>{kl_threshold}"] * (s["kl"] > kl_threshold) + [f"induce<{induce_threshold}"] * (s["induce"] < induce_threshold)
+
+
+def select_direction(scores, n_layers, kl_threshold=0.1, prune_layers=0.2, layer=None, induce_threshold=0.0):
     """Arditi et al.'s filters, then the lowest bypass score. Returns ((pos_index, layer), reasons per candidate).
 
     reasons[(i, l)] lists why a candidate was discarded (empty = kept). `layer` pins the layer (the user asked
@@ -91,20 +104,8 @@ def select_direction(scores, n_layers, kl_threshold=0.1, prune_layers=0.2, layer
     reasons = {}
     for i in range(n_post):
         for l in range(n_layers):
-            b, ind, kl = (scores[k][i, l].item() for k in ("bypass", "induce", "kl"))
-            why = []
-            if layer is not None and l != layer:
-                why.append("other layer")
-            if l >= cutoff:
-                why.append(f"layer in last {prune_layers:.0%}")
-            if any(math.isnan(x) for x in (b, ind, kl)):
-                why.append("nan/not scored")
-            else:
-                if kl > kl_threshold:
-                    why.append(f"kl>{kl_threshold}")
-                if ind < 0:
-                    why.append("induce<0")
-            reasons[(i, l)] = why
+            why = ["other layer"] * (layer is not None and l != layer) + [f"layer in last {prune_layers:.0%}"] * (l >= cutoff)
+            reasons[(i, l)] = why + discard_reasons({k: scores[k][i, l].item() for k in scores}, kl_threshold, induce_threshold)
     kept = [c for c, why in reasons.items() if not why]
     if not kept:
         return None, reasons
@@ -112,13 +113,17 @@ def select_direction(scores, n_layers, kl_threshold=0.1, prune_layers=0.2, layer
 
 
 def best_per_criterion(scores, reasons):
-    """What to say when every candidate is discarded: the best scored candidate for each criterion."""
+    """What to say when every candidate is discarded: the best candidate by each score, and the lowest-bypass
+    one among those that fail a single rule (e.g. 'only_kl>0.1': it passes everything but the KL filter)."""
     scored = [c for c in reasons if "nan/not scored" not in reasons[c] and "other layer" not in reasons[c]]
-    if not scored:
-        return {}
-    pick = {"bypass": min, "kl": min, "induce": max}
-    return {k: (lambda c: {"position_index": c[0], "layer": c[1], **{s: scores[s][c].item() for s in scores}})(
-        f(scored, key=lambda c: scores[k][c].item())) for k, f in pick.items()}
+    describe = lambda c: {"position_index": c[0], "layer": c[1], **{s: scores[s][c].item() for s in scores}}
+    best = {k: describe(f(scored, key=lambda c: scores[k][c].item())) for k, f in (("bypass", min), ("kl", min), ("induce", max))} \
+        if scored else {}
+    for rule in sorted({w for c in scored for w in reasons[c]}):
+        near = [c for c in scored if reasons[c] == [rule]]
+        if near:
+            best[f"only_{rule}"] = describe(min(near, key=lambda c: scores["bypass"][c].item()))
+    return best
 
 
 def plot_scores(scores, path, n_post, chosen):
@@ -171,7 +176,7 @@ def compute_dim(model, tok, args, log=print):
     scores = score_candidates(model, tok, candidates, layers, harm_val, safe_val, refusal_ids, args.batch_size)
 
     # 3. filter and choose
-    chosen, reasons = select_direction(scores, n_layers, args.kl_threshold, args.prune_layers, args.layer)
+    chosen, reasons = select_direction(scores, n_layers, args.kl_threshold, args.prune_layers, args.layer, args.induce_threshold)
     table = [{"position": i - n_post, "position_index": i, "token": tok.decode([post_ids[i]]), "layer": l,
               **{k: scores[k][i, l].item() for k in scores}, "discarded": reasons[(i, l)]}
              for i in range(n_post) for l in range(n_layers)]
@@ -197,13 +202,13 @@ def main(argv=None):
     candidates = info.pop("candidates")
     png = plot_scores(scores, os.path.join(out, "dim.png"), n_post, chosen)
     meta = {"model": args.model, **C.provenance(args), **info, "seconds": round(time.time() - t0, 1)}
-    if direction is None:
-        C.save_json(os.path.join(out, "dim.json"), {"method": "dim", "layer": None, **meta})
-        best = info["best_per_criterion"]
-        hint = (f"; lowest bypass: position {best['bypass']['position_index'] - n_post}, layer {best['bypass']['layer']} "
-                f"(kl {best['bypass']['kl']:.3f}, induce {best['bypass']['induce']:.2f})") if best else ""
-        raise C.RefusalError(f"every DIM candidate was discarded by the filters (scores in {out}/dim.json){hint}; "
-                             "relax --kl-threshold, or pin --layer")
+    if direction is None:  # keep the candidates and their scores: a re-selection needs no new forward passes
+        C.save_result(out, "dim", {"candidates": candidates}, {"layer": None, **meta})
+        near = {k[5:]: v for k, v in info["best_per_criterion"].items() if k.startswith("only_")}
+        hint = "; ".join(f"failing only {rule}: position {c['position_index'] - n_post}, layer {c['layer']} (bypass "
+                         f"{c['bypass']:.2f}, induce {c['induce']:.2f}, kl {c['kl']:.3f})" for rule, c in near.items())
+        raise C.RefusalError(f"every DIM candidate was discarded by the filters (scores in {out}/dim.json)"
+                             f"{'; best ' + hint if hint else ''}; relax --kl-threshold / --induce-threshold, or pin --layer")
     i, layer = chosen
     s = {k: scores[k][chosen].item() for k in scores}
     meta.update(layer=layer, position=i - n_post, alpha=direction.norm().item(), selected_scores=s)

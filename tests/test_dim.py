@@ -38,7 +38,7 @@ def test_selection_picks_lowest_bypass_among_kept():
 
 @pytest.mark.parametrize("rule, cell, reason", [
     ("kl", 0.5, "kl>0.1"),
-    ("induce", -0.1, "induce<0"),
+    ("induce", -0.1, "induce<0.0"),
     ("bypass", float("nan"), "nan/not scored")])
 def test_selection_honours_each_filter(rule, cell, reason):
     s = crafted()
@@ -72,6 +72,12 @@ def test_selection_with_a_pinned_layer_and_when_everything_is_discarded():
     assert chosen is None
     best = dim.best_per_criterion(s, reasons)
     assert (best["bypass"]["position_index"], best["bypass"]["layer"]) == (0, 2)
+    assert (best["only_kl>0.1"]["position_index"], best["only_kl>0.1"]["layer"]) == (0, 2)
+    s["induce"][0, 2] = -1.0  # fails two rules now: no longer the best "only kl" candidate
+    s["bypass"][1, 7] = 0.0
+    best = dim.best_per_criterion(s, dim.select_direction(s, 10)[1])
+    assert (best["only_kl>0.1"]["position_index"], best["only_kl>0.1"]["layer"]) == (1, 7)
+    assert dim.select_direction(s, 10, kl_threshold=2.0)[0] == (1, 7)
 
 
 # ----------------------------------------------------------------------------- the script
@@ -109,6 +115,8 @@ def test_script_says_so_when_every_candidate_is_discarded(args_for, tmp_path):
         dim.main(args_for())
     meta = json.load(open(tmp_path / "out" / "dim.json"))
     assert meta["layer"] is None and meta["best_per_criterion"]["bypass"]["layer"] is not None
+    tensors, _ = C.load_result(str(tmp_path / "out" / "dim.safetensors"))
+    assert list(tensors) == ["candidates"]  # no direction to hand on, but the work is kept
 
 
 def test_run_exits_2_with_one_line(args_for, capsys):

@@ -1,0 +1,336 @@
+"""Refusal Direction Optimization: Algorithm 1 of the paper (Section 4, Appendix A).
+
+A unit direction r is trained by gradient descent so that
+  ablating r everywhere makes the model answer harmful prompts      L_abl = CE(f_ablate(r)(p_harm), t_answer)
+  adding alpha * r_hat at layer l makes it refuse harmless ones     L_add = CE(f_add(alpha r_hat, l)(p_safe), t_refusal)
+  ablating r leaves harmless answers as they were                   L_ret = KL(f(p_safe + t_retain) || f_ablate(r)(...))
+  L = 1.0 L_abl + 0.2 L_add + 1.0 L_ret,  AdamW (lr 0.01, betas 0.9/0.98), effective batch 16,
+  gradient projected onto the sphere's tangent, r renormalised after every step, lr / 10 on a 5-step plateau
+  (at most twice, then stop), one epoch at most; the final r is chosen among the last 20 steps' iterates
+  with the DIM selection scores on validation prompts.
+The targets come from the DIM direction (dim.py): t_answer = 30 greedy tokens with DIM ablated, t_refusal =
+greedy tokens with DIM added (cut after the first sentence), t_retain = 29 greedy tokens, no intervention.
+
+Usage:
+  python rdo.py --model google/gemma-2-2b-it --layer 12             # computes DIM at layer 12 itself
+  python rdo.py --model Qwen/Qwen2.5-1.5B-Instruct --dim runs/Qwen2.5-1.5B-Instruct/dim/dim.safetensors
+  python rdo.py ... --orthogonal-to runs/.../dim/dim.safetensors --out runs/x/rdo_perp   # RDO-perp
+  python rdo.py ... --resume                                       # after Ctrl-C or a crash
+Writes DIR/rdo.safetensors (tensor `direction`, unit norm) and DIR/rdo.json (layer, alpha, loss history, the
+chosen step and its scores, flags, versions); DIR/rdo_checkpoint.pt while training.
+"""
+import argparse, hashlib, json, math, os, time
+from types import SimpleNamespace
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+import common as C
+import dim
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    C.add_common_args(p, "rdo", n_train=1184)
+    a = p.add_argument
+    a("--dim", default=None, help="dim.safetensors from dim.py (default: compute DIM here, at --layer if given)")
+    a("--layer", type=int, default=None, help="addition layer (default: the DIM layer)")
+    a("--alpha", type=float, default=None, help="addition strength (default: the DIM direction's norm)")
+    a("--lr", type=float, default=0.01)
+    a("--betas", type=float, nargs=2, default=(0.9, 0.98))
+    a("--effective-batch", type=int, default=16, help="examples per optimizer step")
+    a("--micro-batch", type=int, default=4, help="examples per forward pass (memory); the loss does not depend on it")
+    a("--epochs", type=int, default=1)
+    a("--max-steps", type=int, default=None, help="stop after this many optimizer steps")
+    a("--lambda-abl", type=float, default=1.0)
+    a("--lambda-add", type=float, default=0.2)
+    a("--lambda-ret", type=float, default=1.0)
+    a("--answer-tokens", type=int, default=30)
+    a("--retain-tokens", type=int, default=29)
+    a("--refusal-tokens", type=int, default=32, help="at most this many, cut after the first sentence")
+    a("--patience", type=int, default=5, help="steps without improvement before lr / 10")
+    a("--lr-drops", type=int, default=2, help="lr reductions before the next plateau stops training")
+    a("--select-last", type=int, default=20, help="choose the final direction among this many last iterates")
+    a("--kl-threshold", type=float, default=0.1, help="selection: discard iterates whose ablation KL exceeds this")
+    a("--induce-threshold", type=float, default=0.0, help="selection: discard iterates whose induce score is below this")
+    a("--orthogonal-to", nargs="+", default=[], metavar="FILE", help="RDO-perp: stay orthogonal to these directions")
+    a("--resume", action="store_true", help="continue from DIR/rdo_checkpoint.pt")
+    a("--cache", default=None, help="targets cache folder (default: runs/<model-name>/targets)")
+    return p.parse_args(argv)
+
+
+# ----------------------------------------------------------------------------- DIM: alpha, layer, targets
+
+def get_dim(model, tok, args, out):
+    """The DIM direction from --dim, or computed here with dim.py's code (saved beside our output)."""
+    if args.dim:
+        vec, meta = C.load_direction(args.dim, model)
+        return vec, meta["layer"] if args.layer is None else args.layer
+    saved = os.path.join(out, "dim.safetensors")
+    if args.resume and os.path.isfile(saved):  # computed by the run we are resuming
+        vec, meta = C.load_direction(saved, model)
+        return vec, meta["layer"]
+    dim_args = SimpleNamespace(**{**vars(args), "prune_layers": 0.2, "filter_prompts": False})
+    vec, info = dim.compute_dim(model, tok, dim_args)
+    if vec is None:
+        raise C.RefusalError("no DIM candidate passed the filters; run dim.py (see its message) and pass --dim")
+    i, layer = info["chosen"]
+    path = C.save_result(out, "dim", {"direction": vec}, {"model": args.model, "layer": layer, "position": i - info["n_post"],
+                                                          "alpha": vec.norm().item(), **C.provenance(dim_args)})
+    print(f"computed the DIM direction at layer {layer}, position {i - info['n_post']}: saved to {path}")
+    return vec, layer
+
+
+def cut_first_sentence(tok, ids):
+    """Refusal targets end with their first sentence ("I'm sorry, but I can't help with that.")."""
+    for k in range(1, len(ids) + 1):
+        if any(c in tok.decode(ids[k - 1:k]) for c in ".!?\n") and tok.decode(ids[:k]).strip():
+            return ids[:k]
+    return ids
+
+
+def get_targets(model, tok, harm, safe, dim_vec, layer, args):
+    """t_answer, t_refusal, t_retain as token ids; cached under a key of everything they depend on."""
+    key_src = json.dumps([args.model, harm, safe, args.answer_tokens, args.refusal_tokens, args.retain_tokens, layer,
+                          C.tensor_hash(dim_vec), str(model.dtype)])
+    key = hashlib.sha256(key_src.encode()).hexdigest()[:16]
+    folder = args.cache or os.path.join("runs", os.path.basename(os.path.normpath(args.model)).removesuffix(".gguf"), "targets")
+    path = os.path.join(folder, f"targets_{key}.json")
+    if os.path.isfile(path):
+        print(f"targets from cache {path}")
+        return json.load(open(path))
+    bs = args.batch_size
+    with C.directional_ablation(model, dim_vec):
+        answer = C.generate_ids(model, tok, harm, args.answer_tokens, bs, desc="t_answer (DIM ablated)")
+    with C.activation_addition(model, dim_vec, layer):
+        refusal = C.generate_ids(model, tok, safe, args.refusal_tokens, bs, desc="t_refusal (DIM added)")
+    retain = C.generate_ids(model, tok, safe, args.retain_tokens, bs, desc="t_retain")
+    targets = {"answer": answer, "refusal": [cut_first_sentence(tok, t) for t in refusal], "retain": retain}
+    os.makedirs(folder, exist_ok=True)
+    C.save_json(path, targets)
+    print(f"targets cached in {path}")
+    return targets
+
+
+# ----------------------------------------------------------------------------- the losses (COMPUTELOSS)
+
+def pack(tok, prompts, targets, device):
+    """Prompt and target joined as token ids (re-tokenizing the joined text would shift the boundary), left-padded."""
+    rows = [tok(t, add_special_tokens=False)["input_ids"] + list(y) for t, y in zip(C.format_chat(tok, prompts), targets)]
+    width = max(map(len, rows))
+    ids = torch.tensor([[tok.pad_token_id] * (width - len(r)) + r for r in rows], device=device)
+    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=device)
+    return {"input_ids": ids, "attention_mask": mask, "n_target": torch.tensor([len(y) for y in targets], device=device)}
+
+
+def window_logits(model, batch, k):
+    """Logits of the last k positions only: the vocabulary is 150k-256k, the targets are ~30 tokens."""
+    return C.forward(model, batch, logits_to_keep=k).logits
+
+
+def ce_per_example(logits, batch):
+    """Mean CE over each row's target tokens; logits cover the last k positions (k = max target + 1)."""
+    k = logits.shape[1]
+    labels = batch["input_ids"][:, -(k - 1):]
+    is_target = torch.arange(k - 1, device=labels.device) >= (k - 1 - batch["n_target"])[:, None]
+    ce = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), labels, reduction="none")
+    return (ce * is_target).sum(1) / is_target.sum(1)
+
+
+def kl_per_example(clean_logits, logits, batch):
+    """Mean over the retain tokens and the last template token of KL(P_clean || P_ablated), per row."""
+    k = logits.shape[1]
+    used = torch.arange(k, device=logits.device) >= (k - 1 - batch["n_target"])[:, None]
+    logp, logq = clean_logits.float().log_softmax(-1), logits.float().log_softmax(-1)
+    kl = (logp.exp() * (logp - logq)).sum(-1)
+    return (kl * used).sum(1) / used.sum(1)
+
+
+def stack_left(a, b):
+    """Two packed batches as one, left-padded to the wider: the target windows stay right-aligned."""
+    w = max(a["input_ids"].shape[1], b["input_ids"].shape[1])
+    return {k: torch.cat([F.pad(x[k], (w - x[k].shape[1], 0)) for x in (a, b)]) for k in ("input_ids", "attention_mask")}
+
+
+def compute_loss(model, r, mb, alpha, layer, lambdas):
+    """Algorithm 1's COMPUTELOSS on one micro-batch: each loss per example, then averaged over the rows.
+
+    The two ablated inputs (harmful + t_answer, harmless + t_retain) share one forward pass with the ablation
+    hooks; the clean retain pass runs without autograd, since no gradient flows back through it.
+    """
+    harm, refusal, retain = mb["harm"], mb["refusal"], mb["retain"]
+    k = int(max(harm["n_target"].max(), retain["n_target"].max())) + 1
+    with torch.no_grad():
+        clean = window_logits(model, retain, k)
+    with C.directional_ablation(model, r):
+        abl = window_logits(model, stack_left(harm, retain), k)
+    m = len(harm["input_ids"])
+    l_abl = ce_per_example(abl[:m], harm)  # line 3
+    l_ret = kl_per_example(clean, abl[m:], retain)  # line 5
+    with C.activation_addition(model, alpha * r / r.norm(), layer):
+        l_add = ce_per_example(window_logits(model, refusal, int(refusal["n_target"].max()) + 1), refusal)  # line 4
+    parts = {"abl": l_abl.mean(), "add": l_add.mean(), "ret": l_ret.mean()}
+    return sum(lambdas[key] * v for key, v in parts.items()), parts  # line 6
+
+
+# ----------------------------------------------------------------------------- optimisation
+
+def tangent(grad, r):
+    """The gradient's component tangent to the unit sphere at r: moving along it keeps |r| to first order."""
+    return grad - (grad @ r) * r
+
+
+def project_out(r, basis):
+    """RDO-perp: remove the span of `basis` (orthonormal rows) from r."""
+    return r if basis is None else r - (r @ basis.T) @ basis
+
+
+def plateau_step(state, loss, patience, max_drops):
+    """lr / 10 after `patience` steps without a new best loss, at most `max_drops` times; then stop.
+
+    Returns 'keep', 'drop' or 'stop'; `state` (best, bad, drops) is a dict so that it checkpoints as is.
+    """
+    if loss < state["best"]:
+        state["best"], state["bad"] = loss, 0
+        return "keep"
+    state["bad"] += 1
+    if state["bad"] < patience:
+        return "keep"
+    state["bad"] = 0
+    if state["drops"] >= max_drops:
+        return "stop"
+    state["drops"] += 1
+    return "drop"
+
+
+def select_iterate(model, tok, iterates, steps, alpha, layer, harm_val, safe_val, args):
+    """Arditi et al.'s selection over the last iterates: KL <= threshold and induce >= 0, then lowest bypass."""
+    refusal_ids = C.refusal_token_ids(tok)
+    base_safe = C.last_logits(model, tok, safe_val, args.batch_size)
+    scored = []
+    for step, r in tqdm(list(zip(steps, iterates)), desc="selection"):
+        s = dim.score_direction(model, tok, alpha * r, layer, harm_val, safe_val, base_safe, refusal_ids, args.batch_size)
+        scored.append({"step": step, **s, "discarded": dim.discard_reasons(s, args.kl_threshold, args.induce_threshold)})
+    kept = [s for s in scored if not s["discarded"]] or [s for s in scored if "nan/not scored" not in s["discarded"]]
+    if not kept:
+        raise C.RefusalError("every iterate scored NaN in the selection: the training diverged; lower --lr")
+    if all(s["discarded"] for s in scored):
+        print("no iterate passes the selection filters; taking the lowest bypass score among all")
+    return min(kept, key=lambda s: s["bypass"]), scored
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    t0 = time.time()
+    C.seed_everything(args.seed)
+    out = args.out or os.path.join("runs", os.path.basename(os.path.normpath(args.model)).removesuffix(".gguf"), "rdo")
+    ckpt_path = os.path.join(out, "rdo_checkpoint.pt")
+    if not args.resume:
+        if os.path.isfile(ckpt_path) and not args.overwrite:
+            raise C.RefusalError(f"{ckpt_path} holds an unfinished run: pass --resume to continue it, or --overwrite")
+        out = C.out_dir(args, "rdo")
+    elif not os.path.isfile(ckpt_path):
+        raise C.RefusalError(f"--resume: no checkpoint at {ckpt_path}")
+    model, tok = C.load_model(args.model, args.device, args.dtype)
+    device = C.input_device(model)
+    harm, harm_val = C.get_prompts(args.harmful, args.n_train, args.n_val, args.harmful_val, args.seed)
+    safe, safe_val = C.get_prompts(args.harmless, args.n_train, args.n_val, args.harmless_val, args.seed)
+    n = min(len(harm), len(safe))
+    harm, safe = harm[:n], safe[:n]
+
+    dim_vec, layer = get_dim(model, tok, args, out)
+    C.check_layer(model, layer)
+    alpha = args.alpha if args.alpha is not None else dim_vec.norm().item()
+    basis = None
+    if args.orthogonal_to:
+        basis = C._unit_basis(torch.cat([C.load_direction(f, model)[0].reshape(-1, C.hidden_size(model))
+                                         for f in args.orthogonal_to])).to(device)
+    targets = get_targets(model, tok, harm, safe, dim_vec, layer, args)
+    lambdas = {"abl": args.lambda_abl, "add": args.lambda_add, "ret": args.lambda_ret}
+    print(f"RDO at layer {layer}, alpha {alpha:.2f}, {n} training pairs, effective batch {args.effective_batch}")
+
+    # Algorithm 1, line 1: initialise r randomly (on the sphere; orthogonal to the given directions for RDO-perp)
+    g = torch.Generator().manual_seed(args.seed)
+    r = project_out(torch.randn(C.hidden_size(model), generator=g).to(device), basis)
+    r = (r / r.norm()).requires_grad_(True)
+    opt = torch.optim.AdamW([r], lr=args.lr, betas=tuple(args.betas), weight_decay=0.0)
+    steps_per_epoch = n // args.effective_batch
+    if steps_per_epoch == 0:
+        raise C.RefusalError(f"{n} training pairs are fewer than one effective batch ({args.effective_batch})")
+    total = steps_per_epoch * args.epochs if args.max_steps is None else min(args.max_steps, steps_per_epoch * args.epochs)
+    order = torch.cat([torch.randperm(n, generator=g) for _ in range(args.epochs)])
+    run_key = {k: getattr(args, k) for k in ("model", "harmful", "harmless", "n_train", "seed", "effective_batch",
+                                              "epochs", "lr", "lambda_abl", "lambda_add", "lambda_ret")}
+    run_key.update(layer=layer, dim=C.tensor_hash(dim_vec))
+    state = {"step": 0, "plateau": {"best": math.inf, "bad": 0, "drops": 0}, "history": [], "iterates": [], "done": False}
+    if args.resume:
+        ck = torch.load(ckpt_path, weights_only=False)
+        if ck["run"] != run_key:
+            raise C.RefusalError(f"{ckpt_path} was made with other settings ({ck['run']}); start over with --overwrite")
+        with torch.no_grad():
+            r.copy_(ck["r"].to(device))
+        opt.load_state_dict(ck["opt"])
+        state, order = ck["state"], ck["order"]
+        print(f"resumed at step {state['step']} from {ckpt_path}")
+
+    bar = tqdm(total=total, initial=state["step"], desc="rdo")
+    while state["step"] < total and not state["done"]:  # Algorithm 1, line 2: while not converged
+        s = state["step"]
+        idx = order[s * args.effective_batch:(s + 1) * args.effective_batch].tolist()  # line 3: sample a batch
+        opt.zero_grad()
+        sums = {"loss": 0.0, "abl": 0.0, "add": 0.0, "ret": 0.0}
+        for j in range(0, len(idx), args.micro_batch):  # gradient accumulation over micro-batches
+            mi = idx[j:j + args.micro_batch]
+            mb = {"harm": pack(tok, [harm[i] for i in mi], [targets["answer"][i] for i in mi], device),
+                  "refusal": pack(tok, [safe[i] for i in mi], [targets["refusal"][i] for i in mi], device),
+                  "retain": pack(tok, [safe[i] for i in mi], [targets["retain"][i] for i in mi], device)}
+            loss, parts = compute_loss(model, r, mb, alpha, layer, lambdas)  # line 4
+            (loss * len(mi) / len(idx)).backward()
+            sums["loss"] += loss.item() * len(mi) / len(idx)
+            for key in parts:
+                sums[key] += parts[key].item() * len(mi) / len(idx)
+        if not math.isfinite(sums["loss"]):
+            raise C.RefusalError(f"loss is {sums['loss']} at step {s}: stopped; the last good state is in {ckpt_path} "
+                                 "(lower --lr, or use --dtype float32)")
+        with torch.no_grad():
+            r.grad = tangent(r.grad, r)  # line 5: a step along the sphere ...
+            opt.step()
+            r.copy_(project_out(r, basis))
+            r /= r.norm()  # line 6: ... and back onto it
+        action = plateau_step(state["plateau"], sums["loss"], args.patience, args.lr_drops)
+        if action == "drop":
+            for group in opt.param_groups:
+                group["lr"] /= 10
+        state["done"] = action == "stop"
+        state["history"].append({"step": s, "lr": opt.param_groups[0]["lr"], **sums})
+        state["iterates"].append(r.detach().cpu().clone())
+        state["step"] = s + 1
+        ck = {"r": r.detach().cpu(), "opt": opt.state_dict(), "state": state, "order": order, "run": run_key}
+        C.atomic_write(ckpt_path, lambda tmp: torch.save(ck, tmp))  # Ctrl-C now loses at most this step
+        bar.update(1)
+        bar.set_postfix(loss=f"{sums['loss']:.3f}", abl=f"{sums['abl']:.3f}", add=f"{sums['add']:.3f}",
+                        ret=f"{sums['ret']:.4f}", lr=f"{opt.param_groups[0]['lr']:.0e}")
+        print(f"step {s}: loss {sums['loss']:.4f} (abl {sums['abl']:.4f}, add {sums['add']:.4f}, ret {sums['ret']:.4f}), "
+              f"lr {opt.param_groups[0]['lr']:.0e}" + (", plateau: stop" if state["done"] else ""))
+    bar.close()
+
+    # choose the final direction among the last iterates, as the paper does (Appendix A.3)
+    last = list(range(len(state["iterates"])))[-args.select_last:]
+    chosen, scored = select_iterate(model, tok, [state["iterates"][i].to(device) for i in last], last, alpha, layer,
+                                    harm_val, safe_val, args)
+    direction = state["iterates"][chosen["step"]]
+    meta = {"model": args.model, "layer": layer, "alpha": alpha, **C.provenance(args), "dim": args.dim,
+            "dim_alpha": dim_vec.norm().item(), "orthogonal_to": args.orthogonal_to, "chosen_step": chosen["step"],
+            "chosen_scores": chosen, "selection": scored, "history": state["history"],
+            "max_abs_cos_with_orthogonal_to": None if basis is None else (basis.cpu() @ direction).abs().max().item(),
+            "data": {"train_pairs": n, "harmful_val": len(harm_val), "harmless_val": len(safe_val)},
+            "seconds": round(time.time() - t0, 1)}
+    path = C.save_result(out, "rdo", {"direction": direction}, meta)
+    os.remove(ckpt_path)
+    print(f"chose step {chosen['step']}: bypass {chosen['bypass']:.3f}, induce {chosen['induce']:.3f}, "
+          f"kl {chosen['kl']:.4f}\nwrote {path}, {out}/rdo.json in {time.time() - t0:.0f}s")
+
+
+if __name__ == "__main__":
+    C.run(main)

@@ -1,0 +1,204 @@
+"""rdo.py: the three losses by hand, the sphere geometry, the schedule, targets cache, RDO-perp, resume."""
+import json, math, os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import common as C
+import rdo
+from conftest import HARMFUL, HARMLESS, make_model
+
+
+def full_logprobs(model, tok, prompt, target):
+    ids = tok(C.format_chat(tok, [prompt])[0], add_special_tokens=False)["input_ids"] + target
+    return model(input_ids=torch.tensor([ids])).logits[0].float().log_softmax(-1), len(ids)
+
+
+def test_ce_per_example_by_hand():
+    model, tok = make_model("qwen2")
+    targets = [[40, 41, 42], [50, 51, 52, 53, 54]]
+    batch = rdo.pack(tok, HARMFUL[:2], targets, "cpu")
+    got = rdo.ce_per_example(rdo.window_logits(model, batch, 6), batch)
+    for i, (p, t) in enumerate(zip(HARMFUL[:2], targets)):
+        logp, n = full_logprobs(model, tok, p, t)
+        # the logit at position j predicts token j + 1: the targets are predicted from n - len(t) - 1 .. n - 2
+        hand = -sum(logp[n - len(t) - 1 + j, tok_id].item() for j, tok_id in enumerate(t)) / len(t)
+        assert got[i].item() == pytest.approx(hand, rel=1e-4)
+
+
+def test_retain_kl_by_hand_covers_the_last_template_token():
+    model, tok = make_model("llama")
+    r = torch.randn(C.hidden_size(model))
+    targets = [[60, 61, 62, 63], [70, 71]]
+    batch = rdo.pack(tok, HARMLESS[:2], targets, "cpu")
+    clean = rdo.window_logits(model, batch, 5)
+    with C.directional_ablation(model, r):
+        abl = rdo.window_logits(model, batch, 5)
+    got = rdo.kl_per_example(clean, abl, batch)
+    for i, (p, t) in enumerate(zip(HARMLESS[:2], targets)):
+        logp, n = full_logprobs(model, tok, p, t)
+        with C.directional_ablation(model, r):
+            logq, _ = full_logprobs(model, tok, p, t)
+        pos = range(n - len(t) - 1, n)  # last template token + every retain token
+        hand = sum((logp[j].exp() * (logp[j] - logq[j])).sum().item() for j in pos) / len(pos)
+        assert got[i].item() == pytest.approx(hand, rel=1e-3)  # a small KL: fp32 differences of close numbers
+
+
+def reference_loss(model, tok, r, harm, safe, tg, alpha, layer, lam):
+    """Algorithm 1 written plainly: one example at a time, each loss its own full forward pass."""
+    total = 0.0
+    for i in range(len(harm)):
+        with C.directional_ablation(model, r):
+            logp, n = full_logprobs(model, tok, harm[i], tg["answer"][i])
+        t = tg["answer"][i]
+        abl = -sum(logp[n - len(t) - 1 + j, x] for j, x in enumerate(t)) / len(t)
+        with C.activation_addition(model, alpha * r / r.norm(), layer):
+            logp, n = full_logprobs(model, tok, safe[i], tg["refusal"][i])
+        t = tg["refusal"][i]
+        add = -sum(logp[n - len(t) - 1 + j, x] for j, x in enumerate(t)) / len(t)
+        t = tg["retain"][i]
+        logp, n = full_logprobs(model, tok, safe[i], t)
+        with C.directional_ablation(model, r):
+            logq, _ = full_logprobs(model, tok, safe[i], t)
+        ret = sum((logp[j].exp() * (logp[j] - logq[j])).sum() for j in range(n - len(t) - 1, n)) / (len(t) + 1)
+        total = total + lam["abl"] * abl + lam["add"] * add + lam["ret"] * ret
+    return total / len(harm)
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma2"])
+def test_compute_loss_and_its_gradient_match_the_plain_algorithm(family):
+    model, tok = make_model(family)
+    torch.manual_seed(0)
+    tg = {"answer": [[40, 41, 42], [43, 44]], "refusal": [[45], [46, 47, 48, 49]], "retain": [[50, 51], [52, 53, 54]]}
+    lam = {"abl": 1.0, "add": 0.2, "ret": 1.0}
+    mb = {"harm": rdo.pack(tok, HARMFUL[:2], tg["answer"], "cpu"), "refusal": rdo.pack(tok, HARMLESS[:2], tg["refusal"], "cpu"),
+          "retain": rdo.pack(tok, HARMLESS[:2], tg["retain"], "cpu")}
+    r1 = torch.randn(C.hidden_size(model)).requires_grad_(True)
+    loss, parts = rdo.compute_loss(model, r1, mb, 3.0, 1, lam)
+    loss.backward()
+    r2 = r1.detach().clone().requires_grad_(True)
+    ref = reference_loss(model, tok, r2, HARMFUL[:2], HARMLESS[:2], tg, 3.0, 1, lam)
+    ref.backward()
+    assert loss.item() == pytest.approx(ref.item(), rel=1e-4)
+    torch.testing.assert_close(r1.grad, r2.grad, rtol=1e-3, atol=1e-6)
+    assert loss.item() == pytest.approx(sum(lam[k] * parts[k].item() for k in lam), rel=1e-6)
+
+
+def test_tangent_projection_and_renormalisation():
+    r = F.normalize(torch.randn(16), dim=0)
+    g = torch.randn(16)
+    t = rdo.tangent(g, r)
+    assert abs((t @ r).item()) < 1e-6
+    torch.testing.assert_close(g - t, (g @ r) * r)  # only the radial part is removed
+    basis = C._unit_basis(torch.randn(2, 16))
+    p = rdo.project_out(r, basis)
+    assert (basis @ p).abs().max() < 1e-6
+
+
+def test_plateau_schedule():
+    st = {"best": math.inf, "bad": 0, "drops": 0}
+    losses = [5, 4, 3] + [3.5] * 5 + [2.9] + [3] * 5 + [3] * 5
+    actions = [rdo.plateau_step(st, x, patience=5, max_drops=2) for x in losses]
+    assert actions[:7] == ["keep"] * 7 and actions[7] == "drop"  # 5th step without a new best
+    assert actions[8] == "keep"  # 2.9 is a new best
+    assert actions[13] == "drop" and actions[18] == "stop" and actions.count("drop") == 2
+
+
+def test_cut_first_sentence():
+    from conftest import make_tokenizer
+    tok = make_tokenizer()
+    ids = tok("I can't help with that. But here is more.", add_special_tokens=False)["input_ids"]
+    assert tok.decode(rdo.cut_first_sentence(tok, ids)) == "I can't help with that."
+    no_end = tok("no end here", add_special_tokens=False)["input_ids"]
+    assert rdo.cut_first_sentence(tok, no_end) == no_end
+
+
+# ----------------------------------------------------------------------------- the script
+
+@pytest.fixture
+def setup(tiny_dir, tmp_path):
+    h, s = tmp_path / "h.json", tmp_path / "s.json"
+    h.write_text(json.dumps(HARMFUL * 3))
+    s.write_text(json.dumps(HARMLESS * 3))
+    model, _ = make_model("llama")
+    torch.manual_seed(3)
+    dim_file = C.save_result(str(tmp_path / "dim"), "dim", {"direction": 4 * torch.randn(C.hidden_size(model))}, {"layer": 2})
+    base = ["--model", tiny_dir, "--harmful", str(h), "--harmless", str(s), "--n-train", "16", "--n-val", "4",
+            "--dim", dim_file, "--effective-batch", "4", "--micro-batch", "2", "--dtype", "float32",
+            "--answer-tokens", "4", "--retain-tokens", "3", "--refusal-tokens", "4", "--select-last", "3",
+            "--cache", str(tmp_path / "cache"), "--lr", "0.05"]
+    return base, tmp_path, dim_file
+
+
+def test_targets_are_cached_under_the_dim_direction(setup, monkeypatch):
+    base, tmp, dim_file = setup
+    args = rdo.parse_args(base)
+    model, tok = make_model("llama")
+    calls = []
+    real = C.generate_ids
+    monkeypatch.setattr(C, "generate_ids", lambda *a, **k: calls.append(1) or real(*a, **k))
+    v = torch.randn(C.hidden_size(model))
+    t1 = rdo.get_targets(model, tok, HARMFUL[:3], HARMLESS[:3], v, 1, args)
+    assert len(calls) == 3 and len(t1["answer"]) == 3
+    assert rdo.get_targets(model, tok, HARMFUL[:3], HARMLESS[:3], v, 1, args) == t1 and len(calls) == 3  # cache hit
+    rdo.get_targets(model, tok, HARMFUL[:3], HARMLESS[:3], v + 1e-3, 1, args)  # another DIM: another key
+    assert len(calls) == 6 and len(os.listdir(args.cache)) == 2
+
+
+def test_rdo_perp_stays_orthogonal(setup):
+    base, tmp, dim_file = setup
+    rdo.main(base + ["--out", str(tmp / "perp"), "--orthogonal-to", dim_file, "--max-steps", "3"])
+    meta = json.load(open(tmp / "perp" / "rdo.json"))
+    d, _ = C.load_result(str(tmp / "perp" / "rdo.safetensors"))
+    v, _ = C.load_result(dim_file)
+    cos = (d["direction"] @ v["direction"]).abs() / v["direction"].norm()
+    assert cos < 1e-5 and meta["max_abs_cos_with_orthogonal_to"] < 1e-5
+    assert d["direction"].norm().item() == pytest.approx(1.0, abs=1e-5)
+    assert len(meta["history"]) == 3 and meta["chosen_step"] in (0, 1, 2)
+    assert not os.path.exists(tmp / "perp" / "rdo_checkpoint.pt")
+
+
+def test_resume_reaches_the_same_direction(setup, monkeypatch):
+    base, tmp, _ = setup
+    rdo.main(base + ["--out", str(tmp / "full")])
+    full, meta_full = C.load_result(str(tmp / "full" / "rdo.safetensors"))
+    assert len(meta_full["history"]) == 4  # 16 pairs / effective batch 4, one epoch
+
+    real, calls = rdo.plateau_step, []
+
+    def crash_at_third_step(*a, **k):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt  # after the backward pass of step 2, before its checkpoint
+        return real(*a, **k)
+
+    monkeypatch.setattr(rdo, "plateau_step", crash_at_third_step)
+    with pytest.raises(KeyboardInterrupt):
+        rdo.main(base + ["--out", str(tmp / "part")])
+    monkeypatch.setattr(rdo, "plateau_step", real)
+    ck = torch.load(tmp / "part" / "rdo_checkpoint.pt", weights_only=False)
+    assert ck["state"]["step"] == 2  # lost only the interrupted step
+    with pytest.raises(C.RefusalError, match="unfinished run"):
+        rdo.main(base + ["--out", str(tmp / "part")])
+    rdo.main(base + ["--out", str(tmp / "part"), "--resume"])
+    part, meta_part = C.load_result(str(tmp / "part" / "rdo.safetensors"))
+    torch.testing.assert_close(part["direction"], full["direction"], rtol=0, atol=1e-6)
+    assert [h["loss"] for h in meta_part["history"]] == pytest.approx([h["loss"] for h in meta_full["history"]], rel=1e-6)
+
+
+def test_nan_loss_stops_with_a_clear_message(setup, monkeypatch):
+    base, tmp, _ = setup
+    monkeypatch.setattr(rdo, "compute_loss", lambda *a, **k: (torch.tensor(float("nan"), requires_grad=True),
+                                                               {"abl": torch.tensor(0.), "add": torch.tensor(0.), "ret": torch.tensor(0.)}))
+    with pytest.raises(C.RefusalError, match="loss is nan at step 0"):
+        rdo.main(base + ["--out", str(tmp / "nan")])
+
+
+def test_wrong_size_dim_and_bad_layer(setup, tmp_path):
+    base, tmp, _ = setup
+    bad = C.save_result(str(tmp_path), "dim", {"direction": torch.randn(7)}, {"layer": 1})
+    with pytest.raises(C.RefusalError, match="hidden size"):
+        rdo.main(base + ["--dim", bad, "--out", str(tmp / "x")])
+    with pytest.raises(C.RefusalError, match="out of range"):
+        rdo.main(base + ["--layer", "12", "--out", str(tmp / "y")])
