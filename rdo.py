@@ -63,10 +63,12 @@ def parse_args(argv=None):
 # ----------------------------------------------------------------------------- DIM: alpha, layer, targets
 
 def get_dim(model, tok, args, out):
-    """The DIM direction from --dim, or computed here with dim.py's code (saved beside our output)."""
+    """(DIM direction, its layer) from --dim, or computed here with dim.py's code (saved beside our output)."""
     if args.dim:
         vec, meta = C.load_direction(args.dim, model)
-        return vec, meta["layer"] if args.layer is None else args.layer
+        if meta.get("layer") is None:
+            raise C.RefusalError(f"{args.dim} has no layer in its sidecar {os.path.splitext(args.dim)[0]}.json")
+        return vec, meta["layer"]
     saved = os.path.join(out, "dim.safetensors")
     if args.resume and os.path.isfile(saved):  # computed by the run we are resuming
         vec, meta = C.load_direction(saved, model)
@@ -174,6 +176,26 @@ def compute_loss(model, r, mb, alpha, layer, lambdas):
     return sum(lambdas[key] * v for key, v in parts.items()), parts  # line 6
 
 
+def accumulate_gradient(model, tok, r, batch, alpha, layer, lambdas, micro_batch):
+    """L and its gradient in r.grad for one batch of (p_harm, p_safe, t_answer, t_refusal, t_retain), in micro-batches.
+
+    Each micro-batch's mean loss is weighted by its share of the batch, so the result does not depend on
+    micro_batch. Returns the loss and its parts as floats.
+    """
+    device, sums = C.input_device(model), {"loss": 0.0, "abl": 0.0, "add": 0.0, "ret": 0.0}
+    for j in range(0, len(batch), micro_batch):
+        harm, safe, answer, refusal, retain = zip(*batch[j:j + micro_batch])
+        mb = {"harm": pack(tok, harm, answer, device), "refusal": pack(tok, safe, refusal, device),
+              "retain": pack(tok, safe, retain, device)}
+        loss, parts = compute_loss(model, r, mb, alpha, layer, lambdas)
+        share = len(harm) / len(batch)
+        (loss * share).backward()
+        sums["loss"] += loss.item() * share
+        for key in parts:
+            sums[key] += parts[key].item() * share
+    return sums
+
+
 # ----------------------------------------------------------------------------- optimisation
 
 def tangent(grad, r):
@@ -239,14 +261,14 @@ def main(argv=None):
     n = min(len(harm), len(safe))
     harm, safe = harm[:n], safe[:n]
 
-    dim_vec, layer = get_dim(model, tok, args, out)
-    C.check_layer(model, layer)
+    dim_vec, dim_layer = get_dim(model, tok, args, out)
+    layer = C.check_layer(model, dim_layer if args.layer is None else args.layer)
     alpha = args.alpha if args.alpha is not None else dim_vec.norm().item()
     basis = None
     if args.orthogonal_to:
         basis = C._unit_basis(torch.cat([C.load_direction(f, model)[0].reshape(-1, C.hidden_size(model))
                                          for f in args.orthogonal_to])).to(device)
-    targets = get_targets(model, tok, harm, safe, dim_vec, layer, args)
+    targets = get_targets(model, tok, harm, safe, dim_vec, dim_layer, args)  # DIM acts at its own layer
     lambdas = {"abl": args.lambda_abl, "add": args.lambda_add, "ret": args.lambda_ret}
     print(f"RDO at layer {layer}, alpha {alpha:.2f}, {n} training pairs, effective batch {args.effective_batch}")
 
@@ -279,17 +301,8 @@ def main(argv=None):
         s = state["step"]
         idx = order[s * args.effective_batch:(s + 1) * args.effective_batch].tolist()  # line 3: sample a batch
         opt.zero_grad()
-        sums = {"loss": 0.0, "abl": 0.0, "add": 0.0, "ret": 0.0}
-        for j in range(0, len(idx), args.micro_batch):  # gradient accumulation over micro-batches
-            mi = idx[j:j + args.micro_batch]
-            mb = {"harm": pack(tok, [harm[i] for i in mi], [targets["answer"][i] for i in mi], device),
-                  "refusal": pack(tok, [safe[i] for i in mi], [targets["refusal"][i] for i in mi], device),
-                  "retain": pack(tok, [safe[i] for i in mi], [targets["retain"][i] for i in mi], device)}
-            loss, parts = compute_loss(model, r, mb, alpha, layer, lambdas)  # line 4
-            (loss * len(mi) / len(idx)).backward()
-            sums["loss"] += loss.item() * len(mi) / len(idx)
-            for key in parts:
-                sums[key] += parts[key].item() * len(mi) / len(idx)
+        batch = [(harm[i], safe[i], targets["answer"][i], targets["refusal"][i], targets["retain"][i]) for i in idx]
+        sums = accumulate_gradient(model, tok, r, batch, alpha, layer, lambdas, args.micro_batch)  # line 4
         if not math.isfinite(sums["loss"]):
             raise C.RefusalError(f"loss is {sums['loss']} at step {s}: stopped; the last good state is in {ckpt_path} "
                                  "(lower --lr, or use --dtype float32)")
@@ -311,7 +324,7 @@ def main(argv=None):
         bar.update(1)
         bar.set_postfix(loss=f"{sums['loss']:.3f}", abl=f"{sums['abl']:.3f}", add=f"{sums['add']:.3f}",
                         ret=f"{sums['ret']:.4f}", lr=f"{opt.param_groups[0]['lr']:.0e}")
-        print(f"step {s}: loss {sums['loss']:.4f} (abl {sums['abl']:.4f}, add {sums['add']:.4f}, ret {sums['ret']:.4f}), "
+        tqdm.write(f"step {s}: loss {sums['loss']:.4f} (abl {sums['abl']:.4f}, add {sums['add']:.4f}, ret {sums['ret']:.4f}), "
               f"lr {opt.param_groups[0]['lr']:.0e}" + (", plateau: stop" if state["done"] else ""))
     bar.close()
 
@@ -320,7 +333,7 @@ def main(argv=None):
     chosen, scored = select_iterate(model, tok, [state["iterates"][i].to(device) for i in last], last, alpha, layer,
                                     harm_val, safe_val, args)
     direction = state["iterates"][chosen["step"]]
-    meta = {"model": args.model, "layer": layer, "alpha": alpha, **C.provenance(args), "dim": args.dim,
+    meta = {"model": args.model, "layer": layer, "alpha": alpha, **C.provenance(args), "dim": args.dim, "dim_layer": dim_layer,
             "dim_alpha": dim_vec.norm().item(), "orthogonal_to": args.orthogonal_to, "chosen_step": chosen["step"],
             "chosen_scores": chosen, "selection": scored, "history": state["history"],
             "max_abs_cos_with_orthogonal_to": None if basis is None else (basis.cpu() @ direction).abs().max().item(),

@@ -11,17 +11,16 @@ that fail one rule only (the induce rule preferred, then the KL rule).
   python ../shared/scripts/get_test_models.py         # builds the model folder once
   python bench/dim_qwen.py [--model DIR] [--data DIR] [--out runs/bench/dim_qwen]
 """
-import argparse, json, os, sys, time
-
-import torch
+import argparse, os, sys, time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import common as C  # noqa: E402
 import dim  # noqa: E402
+from evalkit import DATA, QWEN, held_out, measure  # noqa: E402
 
 p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-p.add_argument("--model", default=os.path.expanduser("~/.cache/refusal-test-models/qwen2.5-coder-0.5b-instruct"))
-p.add_argument("--data", default=os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "saladbench_splits"))
+p.add_argument("--model", default=QWEN)
+p.add_argument("--data", default=DATA)
 p.add_argument("--out", default="runs/bench/dim_qwen")
 p.add_argument("--n-eval", type=int, default=64)
 p.add_argument("--max-new-tokens", type=int, default=64)
@@ -57,33 +56,23 @@ else:
     direction, layer, pos = tensors["direction"], meta["layer"], meta["position"]
 
 model, tok = C.load_model(args.model)
-n, skip = args.n_eval, 32  # the first 32 val prompts were dim.py's validation set: evaluate on the next ones
-harm = C.get_prompts(D("harmful_train.json"), 0, skip + n, D("harmful_val.json"), seed=0)[1][skip:]
-safe = C.get_prompts(D("harmless_train.json"), 0, skip + n, D("harmless_val.json"), seed=0)[1][skip:]
-gen = lambda prompts, desc: C.generate(model, tok, prompts, args.max_new_tokens, batch_size=32, desc=desc)
+harm, safe = held_out(args.n_eval)  # the first 32 val prompts were dim.py's validation set
 t1 = time.time()
-harm_base = gen(harm, "harmful baseline")
-with C.directional_ablation(model, direction):
-    harm_abl = gen(harm, "harmful ablated")
-    safe_abl_logits = C.last_logits(model, tok, safe)
-safe_base = gen(safe, "harmless baseline")
-with C.activation_addition(model, direction, layer):
-    safe_add = gen(safe, "harmless added")
-kl = C.kl_last(C.last_logits(model, tok, safe), safe_abl_logits)
+base = measure(model, tok, harm, safe, max_new_tokens=args.max_new_tokens)
+res = measure(model, tok, harm, safe, direction, direction.norm().item(), layer, args.max_new_tokens)
 t_eval = time.time() - t1
+C.save_result(os.path.join(args.out, "selected"), "dim", {"direction": direction},
+              {"model": args.model, "layer": layer, "position": pos, "alpha": direction.norm().item(), "relaxed_rule": relaxed})
 
-rows = [("harmful refusal, baseline", C.refusal_rate(harm_base)), ("harmful refusal, DIM ablated", C.refusal_rate(harm_abl)),
-        ("harmless refusal, baseline", C.refusal_rate(safe_base)), ("harmless refusal, DIM added", C.refusal_rate(safe_add))]
 print(f"\nQwen2.5-Coder-0.5B-Instruct, DIM layer {layer}, position {pos}, alpha {direction.norm():.2f}"
-      f"{f' (relaxed: fails {relaxed[5:]})' if relaxed else ''}; {n} + {n} held-out prompts, {args.max_new_tokens} new tokens")
-print(f"{'metric':34s} value")
-for name, v in rows:
-    print(f"{name:34s} {v:6.1%}")
-print(f"{'harmless KL (last pos), ablated':34s} {kl:6.3f}")
-print(f"{'dim.py time':34s} {t_dim:6.0f} s\n{'evaluation time':34s} {t_eval:6.0f} s\n{'total':34s} {time.time() - t0:6.0f} s")
-result = {"layer": layer, "position": pos, "alpha": direction.norm().item(), "relaxed_rule": relaxed,
-          **{name: v for name, v in rows}, "harmless_kl_ablated": kl, "seconds_dim": t_dim, "seconds_eval": t_eval,
-          "completions": {"harmful_baseline": harm_base, "harmful_ablated": harm_abl,
-                          "harmless_baseline": safe_base, "harmless_added": safe_add}, "torch_threads": torch.get_num_threads()}
-C.save_json(os.path.join(args.out, "bench_dim_qwen.json"), result)
-print(f"wrote {args.out}/bench_dim_qwen.json")
+      f"{f' (relaxed: fails {relaxed[5:]})' if relaxed else ''}; {args.n_eval} + {args.n_eval} held-out prompts, "
+      f"{args.max_new_tokens} new tokens, substring judge")
+print(f"{'':28s} {'baseline':>9s} {'DIM':>9s}")
+print(f"{'harmful refusal (ablated)':28s} {base['harmful_refusal']:9.1%} {res['harmful_refusal']:9.1%}")
+print(f"{'harmless refusal (added)':28s} {base['harmless_refusal']:9.1%} {res['harmless_refusal']:9.1%}")
+print(f"{'harmless KL (ablated)':28s} {0:9.3f} {res['harmless_kl']:9.3f}")
+print(f"dim.py {t_dim:.0f} s, evaluation {t_eval:.0f} s, total {time.time() - t0:.0f} s")
+C.save_json(os.path.join(args.out, "bench_dim_qwen.json"),
+            {"layer": layer, "position": pos, "alpha": direction.norm().item(), "relaxed_rule": relaxed, "baseline": base,
+             "dim": res, "seconds_dim": t_dim, "seconds_eval": t_eval})
+print(f"wrote {args.out}/bench_dim_qwen.json and the evaluated direction to {args.out}/selected/dim.safetensors")

@@ -1,0 +1,33 @@
+"""What the real-model benches share: the held-out prompts and the three measurements of a direction."""
+import os
+
+import common as C
+
+DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared", "data", "saladbench_splits")
+QWEN = os.path.expanduser("~/.cache/refusal-test-models/qwen2.5-coder-0.5b-instruct")
+
+
+def held_out(n=64, skip=32, seed=0):
+    """n harmful and n harmless validation prompts after the first `skip` (which dim.py / rdo.py validate on)."""
+    D = lambda name: os.path.join(DATA, name)
+    harm = C.get_prompts(D("harmful_train.json"), 0, skip + n, D("harmful_val.json"), seed)[1][skip:]
+    safe = C.get_prompts(D("harmless_train.json"), 0, skip + n, D("harmless_val.json"), seed)[1][skip:]
+    return harm, safe
+
+
+def measure(model, tok, harm, safe, direction=None, alpha=None, layer=None, max_new_tokens=64):
+    """Refusal rate of harmful prompts (ablated), refusal rate of harmless prompts (alpha * r_hat added at layer),
+    and harmless KL at the last position under ablation. direction=None: the unmodified model."""
+    if direction is None:
+        return {"harmful_refusal": C.refusal_rate(hc := C.generate(model, tok, harm, max_new_tokens, desc="harmful")),
+                "harmless_refusal": C.refusal_rate(sc := C.generate(model, tok, safe, max_new_tokens, desc="harmless")),
+                "harmless_kl": 0.0, "completions": {"harmful": hc, "harmless": sc}}
+    unit = direction / direction.norm()
+    with C.directional_ablation(model, unit):
+        hc = C.generate(model, tok, harm, max_new_tokens, desc="harmful, ablated")
+        abl = C.last_logits(model, tok, safe)
+    with C.activation_addition(model, alpha * unit, layer):
+        sc = C.generate(model, tok, safe, max_new_tokens, desc="harmless, added")
+    return {"harmful_refusal": C.refusal_rate(hc), "harmless_refusal": C.refusal_rate(sc),
+            "harmless_kl": C.kl_last(C.last_logits(model, tok, safe), abl),
+            "completions": {"harmful_ablated": hc, "harmless_added": sc}}

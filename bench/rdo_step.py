@@ -1,0 +1,146 @@
+"""Speed of one RDO optimizer step (16 pairs) on Qwen2.5-Coder-0.5B-Instruct: rdo.py vs a plain reference.
+
+  reference  Algorithm 1 written plainly: one example at a time, each loss its own forward/backward, full logits
+  rdo.py     rdo.accumulate_gradient: micro-batches, padding + masks, logits only at target positions, the two
+             ablated passes in one batch, the clean retain pass without autograd
+  floor      the same forward (+ backward) passes over the same tokens with no hooks and no loss bookkeeping
+Each variant runs in its own process (so that peak memory is its own): load, one warm-up step, one timed step.
+Peak memory = the process's peak RSS minus its RSS after loading the model. Both rdo.py and the reference
+must give the same loss (relative difference < 1e-3).
+
+  python bench/rdo_step.py [--dtypes bfloat16 float32] [--micro-batch 4]
+"""
+import argparse, json, os, resource, subprocess, sys, time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import common as C  # noqa: E402
+import rdo  # noqa: E402
+
+MODEL = os.path.expanduser("~/.cache/refusal-test-models/qwen2.5-coder-0.5b-instruct")
+DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared", "data", "saladbench_splits")
+LAMBDAS = {"abl": 1.0, "add": 0.2, "ret": 1.0}
+
+
+def rss_mb():
+    return int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def make_examples(model, tok, n=16):
+    """16 pairs with targets of realistic lengths: 30 answer tokens, 29 retain tokens, a one-sentence refusal."""
+    harm = C.get_prompts(os.path.join(DATA, "harmful_train.json"), n, 1, os.path.join(DATA, "harmful_val.json"))[0]
+    safe = C.get_prompts(os.path.join(DATA, "harmless_train.json"), n, 1, os.path.join(DATA, "harmless_val.json"))[0]
+    answer = C.generate_ids(model, tok, harm, 30, 16, desc="answer targets")
+    retain = C.generate_ids(model, tok, safe, 29, 16, desc="retain targets")
+    refusal = tok("I'm sorry, but I can't assist with that.", add_special_tokens=False)["input_ids"]
+    return [(h, s, a, refusal, t) for h, s, a, t in zip(harm, safe, answer, retain)]
+
+
+def full_ce(model, tok, prompt, target):
+    ids = torch.tensor([tok(C.format_chat(tok, [prompt])[0], add_special_tokens=False)["input_ids"] + list(target)])
+    logits = model(input_ids=ids).logits[0].float()  # every position, the whole vocabulary
+    n, t = ids.shape[1], len(target)
+    return torch.nn.functional.cross_entropy(logits[n - t - 1:n - 1], ids[0, n - t:]), logits, n
+
+
+def reference_step(model, tok, r, batch, alpha, layer):
+    total = 0.0
+    for harm, safe, answer, refusal, retain in batch:
+        with C.directional_ablation(model, r):
+            abl = full_ce(model, tok, harm, answer)[0]
+        (LAMBDAS["abl"] * abl / len(batch)).backward()
+        with C.activation_addition(model, alpha * r / r.norm(), layer):
+            add = full_ce(model, tok, safe, refusal)[0]
+        (LAMBDAS["add"] * add / len(batch)).backward()
+        with torch.no_grad():
+            _, clean, n = full_ce(model, tok, safe, retain)
+        with C.directional_ablation(model, r):
+            _, ablated, _ = full_ce(model, tok, safe, retain)
+        pos = slice(n - len(retain) - 1, n)  # the last template token and the retain tokens
+        p, q = clean[pos].log_softmax(-1), ablated[pos].log_softmax(-1)
+        ret = (p.exp() * (p - q)).sum(-1).mean()
+        (LAMBDAS["ret"] * ret / len(batch)).backward()
+        total += (LAMBDAS["abl"] * abl + LAMBDAS["add"] * add + LAMBDAS["ret"] * ret).item() / len(batch)
+    return total
+
+
+def floor_step(model, tok, batch, micro_batch):
+    """rdo.py's passes with no hooks and no losses: gradients flow to the input embeddings instead of r."""
+    emb = model.get_input_embeddings()
+    for j in range(0, len(batch), micro_batch):
+        harm, safe, answer, refusal, retain = zip(*batch[j:j + micro_batch])
+        h, f, t = (rdo.pack(tok, p, y, "cpu") for p, y in ((harm, answer), (safe, refusal), (safe, retain)))
+        k = int(max(h["n_target"].max(), t["n_target"].max())) + 1
+        with torch.no_grad():
+            rdo.window_logits(model, t, k)
+        for b, kk in ((rdo.stack_left(h, t), k), (f, int(f["n_target"].max()) + 1)):
+            x = emb(b["input_ids"]).detach().requires_grad_(True)
+            out = model(inputs_embeds=x, attention_mask=b["attention_mask"], position_ids=C.position_ids(b["attention_mask"]),
+                        use_cache=False, logits_to_keep=kk)
+            out.logits.float().logsumexp(-1).mean().backward()
+
+
+def child(variant, dtype, micro_batch, examples_path):
+    model, tok = C.load_model(MODEL, "cpu", dtype)
+    batch = [tuple(e) for e in json.load(open(examples_path))]
+    r0 = torch.nn.functional.normalize(torch.randn(C.hidden_size(model), generator=torch.Generator().manual_seed(0)), dim=0)
+    alpha, layer = 12.0, 14
+    base = rss_mb()
+    times, losses = [], []
+    for _ in range(2):  # warm-up, then the timed step
+        r = r0.clone().requires_grad_(True)
+        t = time.time()
+        if variant == "reference":
+            losses.append(reference_step(model, tok, r, batch, alpha, layer))
+        elif variant == "rdo.py":
+            losses.append(rdo.accumulate_gradient(model, tok, r, batch, alpha, layer, LAMBDAS, micro_batch)["loss"])
+        else:
+            floor_step(model, tok, batch, micro_batch)
+            losses.append(float("nan"))
+        times.append(time.time() - t)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(json.dumps({"variant": variant, "dtype": dtype, "seconds": times[-1], "loss": losses[-1], "peak_mb": peak - base}))
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--dtypes", nargs="+", default=["bfloat16", "float32"])
+    p.add_argument("--micro-batch", type=int, default=4)
+    p.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.child:
+        return child(args.child[0], args.child[1], args.micro_batch, args.child[2])
+    if not os.path.isdir(MODEL):
+        sys.exit(f"{MODEL} not found: run python ../shared/scripts/get_test_models.py first")
+    os.makedirs("runs/bench", exist_ok=True)
+    examples_path = "runs/bench/rdo_step_examples.json"
+    if not os.path.isfile(examples_path):
+        model, tok = C.load_model(MODEL, "cpu", "float32")
+        C.save_json(examples_path, make_examples(model, tok))
+        del model
+    rows = []
+    for dtype in args.dtypes:
+        for variant in ("reference", "rdo.py", "floor"):
+            res = subprocess.run([sys.executable, __file__, "--micro-batch", str(args.micro_batch), "--child", variant, dtype,
+                                  examples_path], capture_output=True, text=True)
+            line = [l for l in res.stdout.splitlines() if l.startswith("{")]
+            if not line:
+                sys.exit(f"{variant} {dtype} failed:\n{res.stderr[-3000:]}")
+            rows.append(json.loads(line[-1]))
+            print(rows[-1], flush=True)
+    print(f"\none optimizer step, 16 pairs, Qwen2.5-Coder-0.5B-Instruct, {torch.get_num_threads()} threads, micro-batch {args.micro_batch}")
+    print(f"{'dtype':9s} {'variant':10s} {'seconds':>8s} {'vs ref':>7s} {'vs floor':>8s} {'peak MB':>8s} {'loss':>9s}")
+    for dtype in args.dtypes:
+        by = {r["variant"]: r for r in rows if r["dtype"] == dtype}
+        for v, r in by.items():
+            print(f"{dtype:9s} {v:10s} {r['seconds']:8.1f} {by['reference']['seconds'] / r['seconds']:6.2f}x "
+                  f"{r['seconds'] / by['floor']['seconds']:7.2f}x {r['peak_mb']:8.0f} {r['loss']:9.5f}")
+        rel = abs(by["rdo.py"]["loss"] - by["reference"]["loss"]) / abs(by["reference"]["loss"])
+        print(f"{dtype:9s} loss relative difference rdo.py vs reference: {rel:.2e} ({'ok' if rel < 1e-3 else 'MISMATCH'})")
+    C.save_json("runs/bench/rdo_step.json", rows)
+    print("wrote runs/bench/rdo_step.json")
+
+
+if __name__ == "__main__":
+    main()
