@@ -199,7 +199,7 @@ def forward(model, batch, **kw):
 
 # ----------------------------------------------------------------------------- hooks
 
-def _unit_basis(directions):
+def unit_basis(directions):
     """Orthonormal rows spanning the given direction(s); differentiable, computed in fp32."""
     d = directions.float()
     if d.dim() == 1:
@@ -244,7 +244,7 @@ def directional_ablation(model, directions):
     x <- x - Q^T Q x at the input of every decoder block and on every component output that is added to the
     residual, at all positions (prompt and generated tokens alike). Gradients flow back to `directions`.
     """
-    q = _unit_basis(directions)
+    q = unit_basis(directions)
     cache = {}
 
     def project(x):
@@ -499,9 +499,14 @@ def add_common_args(parser, method, n_train=128, n_val=32, batch_size=32):
     a("--batch-size", type=int, default=batch_size, help=f"prompts per forward pass (default: {batch_size})")
 
 
+def model_dir(model_name, *parts):
+    """runs/<model-name>/...: where a model's results go by default."""
+    return os.path.join("runs", os.path.basename(os.path.normpath(model_name)).removesuffix(".gguf"), *parts)
+
+
 def out_dir(args, method):
     """The output folder; refuses to reuse one that already holds this method's result unless --overwrite."""
-    d = args.out or os.path.join("runs", os.path.basename(os.path.normpath(args.model)).removesuffix(".gguf"), method)
+    d = args.out or model_dir(args.model, method)
     if os.path.exists(os.path.join(d, f"{method}.safetensors")) and not args.overwrite:
         raise RefusalError(f"'{d}' already holds a {method} result: pass --overwrite to replace it, or --out elsewhere")
     os.makedirs(d, exist_ok=True)

@@ -97,7 +97,7 @@ def get_targets(model, tok, harm, safe, dim_vec, layer, args):
     key_src = json.dumps([args.model, harm, safe, args.answer_tokens, args.refusal_tokens, args.retain_tokens, layer,
                           C.tensor_hash(dim_vec), str(model.dtype)])
     key = hashlib.sha256(key_src.encode()).hexdigest()[:16]
-    folder = args.cache or os.path.join("runs", os.path.basename(os.path.normpath(args.model)).removesuffix(".gguf"), "targets")
+    folder = args.cache or C.model_dir(args.model, "targets")
     path = os.path.join(folder, f"targets_{key}.json")
     if os.path.isfile(path):
         print(f"targets from cache {path}")
@@ -149,50 +149,50 @@ def kl_per_example(clean_logits, logits, batch):
     return (kl * used).sum(1) / used.sum(1)
 
 
-def stack_left(a, b):
-    """Two packed batches as one, left-padded to the wider: the target windows stay right-aligned."""
-    w = max(a["input_ids"].shape[1], b["input_ids"].shape[1])
-    return {k: torch.cat([F.pad(x[k], (w - x[k].shape[1], 0)) for x in (a, b)]) for k in ("input_ids", "attention_mask")}
-
-
-def compute_loss(model, r, mb, alpha, layer, lambdas):
-    """Algorithm 1's COMPUTELOSS on one micro-batch: each loss per example, then averaged over the rows.
-
-    The two ablated inputs (harmful + t_answer, harmless + t_retain) share one forward pass with the ablation
-    hooks; the clean retain pass runs without autograd, since no gradient flows back through it.
-    """
-    harm, refusal, retain = mb["harm"], mb["refusal"], mb["retain"]
-    k = int(max(harm["n_target"].max(), retain["n_target"].max())) + 1
-    with torch.no_grad():
-        clean = window_logits(model, retain, k)
+def ablation_loss(model, r, b):
+    """Line 3 of COMPUTELOSS, per example: CE(f_ablate(r)(p_harm), t_answer)."""
     with C.directional_ablation(model, r):
-        abl = window_logits(model, stack_left(harm, retain), k)
-    m = len(harm["input_ids"])
-    l_abl = ce_per_example(abl[:m], harm)  # line 3
-    l_ret = kl_per_example(clean, abl[m:], retain)  # line 5
+        return ce_per_example(window_logits(model, b, int(b["n_target"].max()) + 1), b)
+
+
+def addition_loss(model, r, b, alpha, layer):
+    """Line 4, per example: CE(f_add(alpha r_hat, l)(p_safe), t_refusal)."""
     with C.activation_addition(model, alpha * r / r.norm(), layer):
-        l_add = ce_per_example(window_logits(model, refusal, int(refusal["n_target"].max()) + 1), refusal)  # line 4
-    parts = {"abl": l_abl.mean(), "add": l_add.mean(), "ret": l_ret.mean()}
-    return sum(lambdas[key] * v for key, v in parts.items()), parts  # line 6
+        return ce_per_example(window_logits(model, b, int(b["n_target"].max()) + 1), b)
 
 
-def accumulate_gradient(model, tok, r, batch, alpha, layer, lambdas, micro_batch):
-    """L and its gradient in r.grad for one batch of (p_harm, p_safe, t_answer, t_refusal, t_retain), in micro-batches.
+def retain_loss(model, r, b):
+    """Line 5, per example: KL(f(p_safe + t_retain) || f_ablate(r)(p_safe + t_retain)). The clean pass runs
+    without autograd: no gradient flows back through it."""
+    k = int(b["n_target"].max()) + 1
+    with torch.no_grad():
+        clean = window_logits(model, b, k)
+    with C.directional_ablation(model, r):
+        return kl_per_example(clean, window_logits(model, b, k), b)
 
-    Each micro-batch's mean loss is weighted by its share of the batch, so the result does not depend on
-    micro_batch. Returns the loss and its parts as floats.
+
+def loss_and_grad(model, tok, r, batch, alpha, layer, lambdas, micro_batch):
+    """COMPUTELOSS (line 6: L = sum of lambda * loss) over a batch of (p_harm, p_safe, t_answer, t_refusal, t_retain),
+    leaving dL/dr in r.grad. Returns L and its unweighted parts as floats.
+
+    Each loss is a mean over examples, so each runs over its own micro-batches of examples sorted by length:
+    less padding, and the result does not depend on micro_batch. Backward after every micro-batch bounds memory.
     """
-    device, sums = C.input_device(model), {"loss": 0.0, "abl": 0.0, "add": 0.0, "ret": 0.0}
-    for j in range(0, len(batch), micro_batch):
-        harm, safe, answer, refusal, retain = zip(*batch[j:j + micro_batch])
-        mb = {"harm": pack(tok, harm, answer, device), "refusal": pack(tok, safe, refusal, device),
-              "retain": pack(tok, safe, retain, device)}
-        loss, parts = compute_loss(model, r, mb, alpha, layer, lambdas)
-        share = len(harm) / len(batch)
-        (loss * share).backward()
-        sums["loss"] += loss.item() * share
-        for key in parts:
-            sums[key] += parts[key].item() * share
+    device, n = C.input_device(model), len(batch)
+    harm, safe, answer, refusal, retain = zip(*batch)
+    n_tokens = {p: len(tok(p, add_special_tokens=False)["input_ids"]) for p in harm + safe}
+    sums = {}
+    for key, prompts, targets in (("abl", harm, answer), ("add", safe, refusal), ("ret", safe, retain)):
+        order = sorted(range(n), key=lambda i: n_tokens[prompts[i]] + len(targets[i]))
+        sums[key] = 0.0
+        for j in range(0, n, micro_batch):
+            idx = order[j:j + micro_batch]
+            b = pack(tok, [prompts[i] for i in idx], [targets[i] for i in idx], device)
+            per_example = (ablation_loss(model, r, b) if key == "abl" else retain_loss(model, r, b) if key == "ret"
+                           else addition_loss(model, r, b, alpha, layer))
+            (lambdas[key] * per_example.sum() / n).backward()
+            sums[key] += per_example.sum().item() / n
+    sums["loss"] = sum(lambdas[key] * sums[key] for key in lambdas)
     return sums
 
 
@@ -246,7 +246,7 @@ def main(argv=None):
     args = parse_args(argv)
     t0 = time.time()
     C.seed_everything(args.seed)
-    out = args.out or os.path.join("runs", os.path.basename(os.path.normpath(args.model)).removesuffix(".gguf"), "rdo")
+    out = args.out or C.model_dir(args.model, "rdo")
     ckpt_path = os.path.join(out, "rdo_checkpoint.pt")
     if not args.resume:
         if os.path.isfile(ckpt_path) and not args.overwrite:
@@ -266,7 +266,7 @@ def main(argv=None):
     alpha = args.alpha if args.alpha is not None else dim_vec.norm().item()
     basis = None
     if args.orthogonal_to:
-        basis = C._unit_basis(torch.cat([C.load_direction(f, model)[0].reshape(-1, C.hidden_size(model))
+        basis = C.unit_basis(torch.cat([C.load_direction(f, model)[0].reshape(-1, C.hidden_size(model))
                                          for f in args.orthogonal_to])).to(device)
     targets = get_targets(model, tok, harm, safe, dim_vec, dim_layer, args)  # DIM acts at its own layer
     lambdas = {"abl": args.lambda_abl, "add": args.lambda_add, "ret": args.lambda_ret}
@@ -302,7 +302,7 @@ def main(argv=None):
         idx = order[s * args.effective_batch:(s + 1) * args.effective_batch].tolist()  # line 3: sample a batch
         opt.zero_grad()
         batch = [(harm[i], safe[i], targets["answer"][i], targets["refusal"][i], targets["retain"][i]) for i in idx]
-        sums = accumulate_gradient(model, tok, r, batch, alpha, layer, lambdas, args.micro_batch)  # line 4
+        sums = loss_and_grad(model, tok, r, batch, alpha, layer, lambdas, args.micro_batch)  # line 4, COMPUTELOSS
         if not math.isfinite(sums["loss"]):
             raise C.RefusalError(f"loss is {sums['loss']} at step {s}: stopped; the last good state is in {ckpt_path} "
                                  "(lower --lr, or use --dtype float32)")

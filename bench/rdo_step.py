@@ -1,16 +1,16 @@
 """Speed of one RDO optimizer step (16 pairs) on Qwen2.5-Coder-0.5B-Instruct: rdo.py vs a plain reference.
 
   reference  Algorithm 1 written plainly: one example at a time, each loss its own forward/backward, full logits
-  rdo.py     rdo.accumulate_gradient: micro-batches, padding + masks, logits only at target positions, the two
-             ablated passes in one batch, the clean retain pass without autograd
+  rdo.py     rdo.loss_and_grad: length-sorted micro-batches, padding + masks, logits only at target positions,
+             the clean retain pass without autograd
   floor      the same forward (+ backward) passes over the same tokens with no hooks and no loss bookkeeping
 Each variant runs in its own process (so that peak memory is its own): load, one warm-up step, one timed step.
-Peak memory = the process's peak RSS minus its RSS after loading the model. Both rdo.py and the reference
+Peak memory = the process's peak RSS (VmHWM, reset after loading) minus its RSS after loading the model. Both rdo.py and the reference
 must give the same loss (relative difference < 1e-3).
 
   python bench/rdo_step.py [--dtypes bfloat16 float32] [--micro-batch 4]
 """
-import argparse, json, os, resource, subprocess, sys, time
+import argparse, json, math, os, subprocess, sys, time
 
 import torch
 
@@ -21,6 +21,7 @@ import rdo  # noqa: E402
 MODEL = os.path.expanduser("~/.cache/refusal-test-models/qwen2.5-coder-0.5b-instruct")
 DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared", "data", "saladbench_splits")
 LAMBDAS = {"abl": 1.0, "add": 0.2, "ret": 1.0}
+LAYER = 14
 
 
 def rss_mb():
@@ -66,18 +67,27 @@ def reference_step(model, tok, r, batch, alpha, layer):
 
 
 def floor_step(model, tok, batch, micro_batch):
-    """rdo.py's passes with no hooks and no losses: gradients flow to the input embeddings instead of r."""
+    """rdo.py's passes over the same micro-batches with no hooks and no losses: gradients flow to the input
+    embeddings instead of r (the addition pass: from its layer on, as in rdo.py)."""
     emb = model.get_input_embeddings()
-    for j in range(0, len(batch), micro_batch):
-        harm, safe, answer, refusal, retain = zip(*batch[j:j + micro_batch])
-        h, f, t = (rdo.pack(tok, p, y, "cpu") for p, y in ((harm, answer), (safe, refusal), (safe, retain)))
-        k = int(max(h["n_target"].max(), t["n_target"].max())) + 1
-        with torch.no_grad():
-            rdo.window_logits(model, t, k)
-        for b, kk in ((rdo.stack_left(h, t), k), (f, int(f["n_target"].max()) + 1)):
+    harm, safe, answer, refusal, retain = zip(*batch)
+    n_tokens = {p: len(tok(p, add_special_tokens=False)["input_ids"]) for p in harm + safe}
+    for key, prompts, targets in (("abl", harm, answer), ("add", safe, refusal), ("ret", safe, retain)):
+        order = sorted(range(len(batch)), key=lambda i: n_tokens[prompts[i]] + len(targets[i]))
+        for j in range(0, len(batch), micro_batch):
+            b = rdo.pack(tok, [prompts[i] for i in order[j:j + micro_batch]], [targets[i] for i in order[j:j + micro_batch]], "cpu")
+            k = int(b["n_target"].max()) + 1
+            if key == "ret":
+                with torch.no_grad():
+                    rdo.window_logits(model, b, k)
+            if key == "add":  # the gradient enters at the addition layer (one add-zero hook), as in rdo.py
+                zero = torch.zeros(C.hidden_size(model), requires_grad=True)
+                with C.activation_addition(model, zero, LAYER):
+                    rdo.window_logits(model, b, k).float().logsumexp(-1).mean().backward()
+                continue
             x = emb(b["input_ids"]).detach().requires_grad_(True)
             out = model(inputs_embeds=x, attention_mask=b["attention_mask"], position_ids=C.position_ids(b["attention_mask"]),
-                        use_cache=False, logits_to_keep=kk)
+                        use_cache=False, logits_to_keep=k)
             out.logits.float().logsumexp(-1).mean().backward()
 
 
@@ -85,7 +95,8 @@ def child(variant, dtype, micro_batch, examples_path):
     model, tok = C.load_model(MODEL, "cpu", dtype)
     batch = [tuple(e) for e in json.load(open(examples_path))]
     r0 = torch.nn.functional.normalize(torch.randn(C.hidden_size(model), generator=torch.Generator().manual_seed(0)), dim=0)
-    alpha, layer = 12.0, 14
+    alpha, layer = 12.0, LAYER
+    open("/proc/self/clear_refs", "w").write("5")  # reset the peak (VmHWM) to the current RSS: loading is not counted
     base = rss_mb()
     times, losses = [], []
     for _ in range(2):  # warm-up, then the timed step
@@ -94,12 +105,12 @@ def child(variant, dtype, micro_batch, examples_path):
         if variant == "reference":
             losses.append(reference_step(model, tok, r, batch, alpha, layer))
         elif variant == "rdo.py":
-            losses.append(rdo.accumulate_gradient(model, tok, r, batch, alpha, layer, LAMBDAS, micro_batch)["loss"])
+            losses.append(rdo.loss_and_grad(model, tok, r, batch, alpha, layer, LAMBDAS, micro_batch)["loss"])
         else:
             floor_step(model, tok, batch, micro_batch)
             losses.append(float("nan"))
         times.append(time.time() - t)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak = next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM")) / 1024
     print(json.dumps({"variant": variant, "dtype": dtype, "seconds": times[-1], "loss": losses[-1], "peak_mb": peak - base}))
 
 
@@ -107,6 +118,8 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--dtypes", nargs="+", default=["bfloat16", "float32"])
     p.add_argument("--micro-batch", type=int, default=4)
+    p.add_argument("--variants", nargs="+", default=["reference", "rdo.py", "floor"])
+    p.add_argument("--json", default="runs/bench/rdo_step.json")
     p.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
@@ -121,7 +134,7 @@ def main():
         del model
     rows = []
     for dtype in args.dtypes:
-        for variant in ("reference", "rdo.py", "floor"):
+        for variant in args.variants:
             res = subprocess.run([sys.executable, __file__, "--micro-batch", str(args.micro_batch), "--child", variant, dtype,
                                   examples_path], capture_output=True, text=True)
             line = [l for l in res.stdout.splitlines() if l.startswith("{")]
@@ -133,13 +146,15 @@ def main():
     print(f"{'dtype':9s} {'variant':10s} {'seconds':>8s} {'vs ref':>7s} {'vs floor':>8s} {'peak MB':>8s} {'loss':>9s}")
     for dtype in args.dtypes:
         by = {r["variant"]: r for r in rows if r["dtype"] == dtype}
+        ref, floor = by.get("reference", {}).get("seconds", math.nan), by.get("floor", {}).get("seconds", math.nan)
         for v, r in by.items():
-            print(f"{dtype:9s} {v:10s} {r['seconds']:8.1f} {by['reference']['seconds'] / r['seconds']:6.2f}x "
-                  f"{r['seconds'] / by['floor']['seconds']:7.2f}x {r['peak_mb']:8.0f} {r['loss']:9.5f}")
-        rel = abs(by["rdo.py"]["loss"] - by["reference"]["loss"]) / abs(by["reference"]["loss"])
-        print(f"{dtype:9s} loss relative difference rdo.py vs reference: {rel:.2e} ({'ok' if rel < 1e-3 else 'MISMATCH'})")
-    C.save_json("runs/bench/rdo_step.json", rows)
-    print("wrote runs/bench/rdo_step.json")
+            print(f"{dtype:9s} {v:10s} {r['seconds']:8.1f} {ref / r['seconds']:6.2f}x "
+                  f"{r['seconds'] / floor:7.2f}x {r['peak_mb']:8.0f} {r['loss']:9.5f}")
+        if "reference" in by and "rdo.py" in by:
+            rel = abs(by["rdo.py"]["loss"] - by["reference"]["loss"]) / abs(by["reference"]["loss"])
+            print(f"{dtype:9s} loss relative difference rdo.py vs reference: {rel:.2e} ({'ok' if rel < 1e-3 else 'MISMATCH'})")
+    C.save_json(args.json, rows)
+    print(f"wrote {args.json}")
 
 
 if __name__ == "__main__":

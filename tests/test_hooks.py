@@ -21,7 +21,7 @@ def capture_blocks(model):
 
 
 def max_rel_projection(records, basis):
-    q = C._unit_basis(basis)
+    q = C.unit_basis(basis)
     return max(((x.float() @ q.T).norm(dim=-1) / x.float().norm(dim=-1).clamp_min(1e-6)).max().item() for _, _, x in records)
 
 
@@ -163,7 +163,7 @@ def test_gradients_reach_the_direction_exactly(family):
         r = r0.clone().requires_grad_(True)
         f(r).backward()
         assert r.grad is not None and r.grad.abs().sum() > 0
-    # float64 hooks: _unit_basis works in fp32 for speed, so compare autograd with a loose finite difference
+    # float64 hooks: unit_basis works in fp32 for speed, so compare autograd with a loose finite difference
     for f in (f_ablate, f_add):
         r = r0.clone().requires_grad_(True)
         f(r).backward()

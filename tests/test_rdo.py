@@ -67,22 +67,22 @@ def reference_loss(model, tok, r, harm, safe, tg, alpha, layer, lam):
 
 
 @pytest.mark.parametrize("family", ["llama", "gemma2"])
-def test_compute_loss_and_its_gradient_match_the_plain_algorithm(family):
+@pytest.mark.parametrize("micro_batch", [1, 2])
+def test_loss_and_gradient_match_the_plain_algorithm(family, micro_batch):
     model, tok = make_model(family)
-    torch.manual_seed(0)
-    tg = {"answer": [[40, 41, 42], [43, 44]], "refusal": [[45], [46, 47, 48, 49]], "retain": [[50, 51], [52, 53, 54]]}
+    tg = {"answer": [[40, 41, 42], [43, 44], [45, 46, 47, 48]], "refusal": [[45], [46, 47, 48, 49], [50, 51]],
+          "retain": [[50, 51], [52, 53, 54], [55]]}
     lam = {"abl": 1.0, "add": 0.2, "ret": 1.0}
-    mb = {"harm": rdo.pack(tok, HARMFUL[:2], tg["answer"], "cpu"), "refusal": rdo.pack(tok, HARMLESS[:2], tg["refusal"], "cpu"),
-          "retain": rdo.pack(tok, HARMLESS[:2], tg["retain"], "cpu")}
+    batch = list(zip(HARMFUL[:3], HARMLESS[:3], tg["answer"], tg["refusal"], tg["retain"]))
+    torch.manual_seed(0)
     r1 = torch.randn(C.hidden_size(model)).requires_grad_(True)
-    loss, parts = rdo.compute_loss(model, r1, mb, 3.0, 1, lam)
-    loss.backward()
+    sums = rdo.loss_and_grad(model, tok, r1, batch, 3.0, 1, lam, micro_batch)
     r2 = r1.detach().clone().requires_grad_(True)
-    ref = reference_loss(model, tok, r2, HARMFUL[:2], HARMLESS[:2], tg, 3.0, 1, lam)
+    ref = reference_loss(model, tok, r2, HARMFUL[:3], HARMLESS[:3], tg, 3.0, 1, lam)
     ref.backward()
-    assert loss.item() == pytest.approx(ref.item(), rel=1e-4)
+    assert sums["loss"] == pytest.approx(ref.item(), rel=1e-4)
     torch.testing.assert_close(r1.grad, r2.grad, rtol=1e-3, atol=1e-6)
-    assert loss.item() == pytest.approx(sum(lam[k] * parts[k].item() for k in lam), rel=1e-6)
+    assert sums["loss"] == pytest.approx(sum(lam[k] * sums[k] for k in lam), rel=1e-9)
 
 
 def test_tangent_projection_and_renormalisation():
@@ -91,7 +91,7 @@ def test_tangent_projection_and_renormalisation():
     t = rdo.tangent(g, r)
     assert abs((t @ r).item()) < 1e-6
     torch.testing.assert_close(g - t, (g @ r) * r)  # only the radial part is removed
-    basis = C._unit_basis(torch.randn(2, 16))
+    basis = C.unit_basis(torch.randn(2, 16))
     p = rdo.project_out(r, basis)
     assert (basis @ p).abs().max() < 1e-6
 
@@ -189,8 +189,7 @@ def test_resume_reaches_the_same_direction(setup, monkeypatch):
 
 def test_nan_loss_stops_with_a_clear_message(setup, monkeypatch):
     base, tmp, _ = setup
-    monkeypatch.setattr(rdo, "compute_loss", lambda *a, **k: (torch.tensor(float("nan"), requires_grad=True),
-                                                               {"abl": torch.tensor(0.), "add": torch.tensor(0.), "ret": torch.tensor(0.)}))
+    monkeypatch.setattr(rdo, "ablation_loss", lambda model, r, b: (r.sum() * float("nan")).expand(len(b["input_ids"])))
     with pytest.raises(C.RefusalError, match="loss is nan at step 0"):
         rdo.main(base + ["--out", str(tmp / "nan")])
 
