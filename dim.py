@@ -126,7 +126,7 @@ def best_per_criterion(scores, reasons):
     return best
 
 
-def plot_scores(scores, path, n_post, chosen):
+def plot_scores(scores, path, n_post, chosen, kl_threshold=0.1, induce_threshold=0.0):
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -140,6 +140,8 @@ def plot_scores(scores, path, n_post, chosen):
         if chosen:
             ax.plot(chosen[1], scores[key][chosen].item(), "k*", markersize=14, label="chosen")
         ax.set(title=key, xlabel="layer")
+    axes[1].axhline(induce_threshold, color="r", lw=0.8, ls="--")  # the filters: keep above / below the red lines
+    axes[2].axhline(kl_threshold, color="r", lw=0.8, ls="--")
     axes[2].set_yscale("log")
     axes[0].legend(fontsize=7)
     fig.tight_layout()
@@ -200,7 +202,7 @@ def main(argv=None):
     direction, info = compute_dim(model, tok, args)
     scores, n_post, chosen = info.pop("scores"), info["n_post"], info["chosen"]
     candidates = info.pop("candidates")
-    png = plot_scores(scores, os.path.join(out, "dim.png"), n_post, chosen)
+    png = plot_scores(scores, os.path.join(out, "dim.png"), n_post, chosen, args.kl_threshold, args.induce_threshold)
     meta = {"model": args.model, **C.provenance(args), **info, "seconds": round(time.time() - t0, 1)}
     if direction is None:  # keep the candidates and their scores: a re-selection needs no new forward passes
         C.save_result(out, "dim", {"candidates": candidates}, {"layer": None, **meta})

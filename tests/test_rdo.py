@@ -201,3 +201,18 @@ def test_wrong_size_dim_and_bad_layer(setup, tmp_path):
         rdo.main(base + ["--dim", bad, "--out", str(tmp / "x")])
     with pytest.raises(C.RefusalError, match="out of range"):
         rdo.main(base + ["--layer", "12", "--out", str(tmp / "y")])
+
+
+def test_selection_falls_back_to_the_kl_filter_then_to_anything(monkeypatch):
+    model, tok = make_model("llama")
+    args = rdo.parse_args(["--model", "x"])
+    table = {0: {"bypass": -5.0, "induce": -1.0, "kl": 0.5}, 1: {"bypass": -3.0, "induce": -1.0, "kl": 0.05},
+             2: {"bypass": -1.0, "induce": 1.0, "kl": 0.05}}
+    monkeypatch.setattr(rdo.dim, "score_direction", lambda model, tok, v, *a: dict(table[int(v[0].item())]))
+    pick = lambda: rdo.select_iterate(model, tok, [torch.full((32,), float(i)) for i in table], list(table), 1.0, 1,
+                                      HARMFUL[:2], HARMLESS[:2], args)[0]["step"]
+    assert pick() == 2  # the only one passing every filter, although its bypass is the worst
+    table[2]["induce"] = -1.0
+    assert pick() == 1  # none passes every filter: lowest bypass among those within the KL bound
+    table[1]["kl"] = table[2]["kl"] = 0.5
+    assert pick() == 0
