@@ -27,7 +27,8 @@ import common as C
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     C.add_common_args(p, "dim")
-    p.add_argument("--layer", type=int, default=None, help="only consider this layer (default: all layers)")
+    p.add_argument("--layer", type=int, default=None,
+                   help="only this layer: its best position, the best near miss if none passes the filters (default: all layers)")
     p.add_argument("--kl-threshold", type=float, default=0.1, help="discard candidates whose ablation KL exceeds this")
     p.add_argument("--induce-threshold", type=float, default=0.0, help="discard candidates whose induce score is below this")
     p.add_argument("--prune-layers", type=float, default=0.2, help="discard candidates in this last fraction of layers")
@@ -150,15 +151,22 @@ def plot_scores(scores, path, n_post, chosen, kl_threshold=0.1, induce_threshold
     return path
 
 
-def compute_dim(model, tok, args, log=print):
-    """Steps 1-3 on already loaded model and data arguments. Returns (direction, info dict); rdo.py uses it too."""
+def load_data(args):
+    """(harmful train, harmful val, harmless train, harmless val) from the data flags; before the model loads,
+    so that a bad file fails fast."""
+    harm_train, harm_val = C.get_prompts(args.harmful, args.n_train, args.n_val, args.harmful_val, args.seed)
+    safe_train, safe_val = C.get_prompts(args.harmless, args.n_train, args.n_val, args.harmless_val, args.seed)
+    return harm_train, harm_val, safe_train, safe_val
+
+
+def compute_dim(model, tok, args, data, log=print):
+    """Steps 1-3 on a loaded model and load_data's prompts. Returns (direction, info dict); rdo.py uses it too."""
     refusal_ids = C.refusal_token_ids(tok)
     post_ids = C.post_instruction_ids(tok)
     n_post, n_layers = len(post_ids), len(C.decoder_layers(model))
     if args.layer is not None:
         C.check_layer(model, args.layer)
-    harm_train, harm_val = C.get_prompts(args.harmful, args.n_train, args.n_val, args.harmful_val, args.seed)
-    safe_train, safe_val = C.get_prompts(args.harmless, args.n_train, args.n_val, args.harmless_val, args.seed)
+    harm_train, harm_val, safe_train, safe_val = data
     if args.filter_prompts:
         harm_train, harm_val = (filter_prompts(model, tok, x, refusal_ids, True, args.batch_size) for x in (harm_train, harm_val))
         safe_train, safe_val = (filter_prompts(model, tok, x, refusal_ids, False, args.batch_size) for x in (safe_train, safe_val))
@@ -188,6 +196,13 @@ def compute_dim(model, tok, args, log=print):
             "data": {"harmful_train": len(harm_train), "harmful_val": len(harm_val),
                      "harmless_train": len(safe_train), "harmless_val": len(safe_val)},
             "candidates": candidates, "scores": scores, "best_per_criterion": best_per_criterion(scores, reasons)}
+    if chosen is None and args.layer is not None:  # the user chose the layer: take its best position anyway,
+        best = info["best_per_criterion"]  # preferring one within the KL bound (the side-effect guarantee)
+        pick = best.get(f"only_induce<{args.induce_threshold}") or best.get(f"only_kl>{args.kl_threshold}") or best["bypass"]
+        info["chosen"] = chosen = (pick["position_index"], pick["layer"])
+        info["relaxed"] = f"no position at layer {args.layer} passes every filter: took the best near miss"
+        log(f"{info['relaxed']}, position {pick['position_index'] - n_post} (bypass {pick['bypass']:.2f}, "
+            f"induce {pick['induce']:.2f}, kl {pick['kl']:.3f})")
     if chosen is None:
         return None, info
     return candidates[chosen], info
@@ -198,8 +213,9 @@ def main(argv=None):
     C.seed_everything(args.seed)
     t0 = time.time()
     out = C.out_dir(args, "dim")
+    data = load_data(args)
     model, tok = C.load_model(args.model, args.device, args.dtype)
-    direction, info = compute_dim(model, tok, args)
+    direction, info = compute_dim(model, tok, args, data)
     scores, n_post, chosen = info.pop("scores"), info["n_post"], info["chosen"]
     candidates = info.pop("candidates")
     png = plot_scores(scores, os.path.join(out, "dim.png"), n_post, chosen, args.kl_threshold, args.induce_threshold)
@@ -210,7 +226,8 @@ def main(argv=None):
         hint = "; ".join(f"failing only {rule}: position {c['position_index'] - n_post}, layer {c['layer']} (bypass "
                          f"{c['bypass']:.2f}, induce {c['induce']:.2f}, kl {c['kl']:.3f})" for rule, c in near.items())
         raise C.RefusalError(f"every DIM candidate was discarded by the filters (scores in {out}/dim.json)"
-                             f"{'; best ' + hint if hint else ''}; relax --kl-threshold / --induce-threshold, or pin --layer")
+                             f"{'; best ' + hint if hint else ''}; relax --kl-threshold / --induce-threshold, or pin --layer "
+                             "(which takes that layer's best position)")
     i, layer = chosen
     s = {k: scores[k][chosen].item() for k in scores}
     meta.update(layer=layer, position=i - n_post, alpha=direction.norm().item(), selected_scores=s)

@@ -40,7 +40,9 @@ def parse_args(argv=None):
     a("--lr", type=float, default=0.01)
     a("--betas", type=float, nargs=2, default=(0.9, 0.98))
     a("--effective-batch", type=int, default=16, help="examples per optimizer step")
-    a("--micro-batch", type=int, default=4, help="examples per forward pass (memory); the loss does not depend on it")
+    a("--micro-batch", type=int, default=None,
+      help="examples per forward pass; the loss does not depend on it (default: 16 on a GPU; 2 on a CPU, where "
+           "larger is barely faster and needs more memory: bench/rdo_step.py)")
     a("--epochs", type=int, default=1)
     a("--max-steps", type=int, default=None, help="stop after this many optimizer steps")
     a("--lambda-abl", type=float, default=1.0)
@@ -62,7 +64,7 @@ def parse_args(argv=None):
 
 # ----------------------------------------------------------------------------- DIM: alpha, layer, targets
 
-def get_dim(model, tok, args, out):
+def get_dim(model, tok, args, out, data):
     """(DIM direction, its layer) from --dim, or computed here with dim.py's code (saved beside our output)."""
     if args.dim:
         vec, meta = C.load_direction(args.dim, model)
@@ -74,9 +76,10 @@ def get_dim(model, tok, args, out):
         vec, meta = C.load_direction(saved, model)
         return vec, meta["layer"]
     dim_args = SimpleNamespace(**{**vars(args), "prune_layers": 0.2, "filter_prompts": False})
-    vec, info = dim.compute_dim(model, tok, dim_args)
+    vec, info = dim.compute_dim(model, tok, dim_args, data)
     if vec is None:
-        raise C.RefusalError("no DIM candidate passed the filters; run dim.py (see its message) and pass --dim")
+        raise C.RefusalError("no DIM candidate passed the filters; run dim.py (see its message) and pass --dim, "
+                             "or pass --layer")
     i, layer = info["chosen"]
     path = C.save_result(out, "dim", {"direction": vec}, {"model": args.model, "layer": layer, "position": i - info["n_post"],
                                                           "alpha": vec.norm().item(), **C.provenance(dim_args)})
@@ -258,14 +261,15 @@ def main(argv=None):
         out = C.out_dir(args, "rdo")
     elif not os.path.isfile(ckpt_path):
         raise C.RefusalError(f"--resume: no checkpoint at {ckpt_path}")
-    model, tok = C.load_model(args.model, args.device, args.dtype)
-    device = C.input_device(model)
-    harm, harm_val = C.get_prompts(args.harmful, args.n_train, args.n_val, args.harmful_val, args.seed)
-    safe, safe_val = C.get_prompts(args.harmless, args.n_train, args.n_val, args.harmless_val, args.seed)
+    data = dim.load_data(args)
+    harm, harm_val, safe, safe_val = data
     n = min(len(harm), len(safe))
     harm, safe = harm[:n], safe[:n]
+    model, tok = C.load_model(args.model, args.device, args.dtype)
+    device = C.input_device(model)
+    micro_batch = args.micro_batch or (args.effective_batch if device.type == "cuda" else 2)
 
-    dim_vec, dim_layer = get_dim(model, tok, args, out)
+    dim_vec, dim_layer = get_dim(model, tok, args, out, data)
     layer = C.check_layer(model, dim_layer if args.layer is None else args.layer)
     alpha = args.alpha if args.alpha is not None else dim_vec.norm().item()
     basis = None
@@ -306,7 +310,7 @@ def main(argv=None):
         idx = order[s * args.effective_batch:(s + 1) * args.effective_batch].tolist()  # line 3: sample a batch
         opt.zero_grad()
         batch = [(harm[i], safe[i], targets["answer"][i], targets["refusal"][i], targets["retain"][i]) for i in idx]
-        sums = loss_and_grad(model, tok, r, batch, alpha, layer, lambdas, args.micro_batch)  # line 4, COMPUTELOSS
+        sums = loss_and_grad(model, tok, r, batch, alpha, layer, lambdas, micro_batch)  # line 4, COMPUTELOSS
         if not math.isfinite(sums["loss"]):
             raise C.RefusalError(f"loss is {sums['loss']} at step {s}: stopped; the last good state is in {ckpt_path} "
                                  "(lower --lr, or use --dtype float32)")

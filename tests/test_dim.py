@@ -119,6 +119,14 @@ def test_script_says_so_when_every_candidate_is_discarded(args_for, tmp_path):
     assert list(tensors) == ["candidates"]  # no direction to hand on, but the work is kept
 
 
+def test_a_pinned_layer_gives_its_best_position_even_when_filtered(args_for, tmp_path):
+    dim.main(args_for("--layer", "2"))  # the random tiny model fails the induce rule everywhere
+    meta = json.load(open(tmp_path / "out" / "dim.json"))
+    tensors, _ = C.load_result(str(tmp_path / "out" / "dim.safetensors"))
+    assert meta["layer"] == 2 and "near miss" in meta["relaxed"]
+    assert torch.equal(tensors["direction"], tensors["candidates"][meta["chosen"][0], 2])
+
+
 def test_run_exits_2_with_one_line(args_for, capsys):
     with pytest.raises(SystemExit) as e:
         C.run(lambda: dim.main(args_for("--layer", "99")))

@@ -216,3 +216,14 @@ def test_selection_falls_back_to_the_kl_filter_then_to_anything(monkeypatch):
     assert pick() == 1  # none passes every filter: lowest bypass among those within the KL bound
     table[1]["kl"] = table[2]["kl"] = 0.5
     assert pick() == 0
+
+
+def test_without_dim_rdo_computes_it_at_the_given_layer(setup):
+    """The users' own command: `rdo.py --model M --layer L`, no --dim (the tiny model passes no DIM filter)."""
+    base, tmp, _ = setup
+    i = base.index("--dim")
+    rdo.main(base[:i] + base[i + 2:] + ["--layer", "1", "--max-steps", "1", "--out", str(tmp / "nodim")])
+    dim_t, dim_meta = C.load_result(str(tmp / "nodim" / "dim.safetensors"))
+    meta = json.load(open(tmp / "nodim" / "rdo.json"))
+    assert dim_meta["layer"] == 1 and meta["layer"] == 1
+    assert meta["alpha"] == pytest.approx(dim_t["direction"].norm().item(), rel=1e-5)
