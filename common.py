@@ -182,11 +182,6 @@ def tokenize(tokenizer, instructions, device="cpu"):
     return {k: v.to(device) for k, v in enc.items() if k in ("input_ids", "attention_mask")}
 
 
-def by_length(tokenizer, instructions):
-    """Indices sorted by instruction length: batches of similar length waste less compute on padding."""
-    return sorted(range(len(instructions)), key=lambda i: len(tokenizer(instructions[i], add_special_tokens=False)["input_ids"]))
-
-
 def position_ids(attention_mask):
     # With left padding a plain forward would number the padding too; count real tokens only.
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
@@ -303,6 +298,15 @@ def refusal_token_ids(tokenizer, words=("I", "As", "Sorry")):
     return sorted(ids)
 
 
+def length_batches(model, tokenizer, instructions, batch_size, desc=None):
+    """Tokenized batches of similar-length instructions (less padding), each with its indices into `instructions`."""
+    lengths = [len(ids) for ids in tokenizer(list(instructions), add_special_tokens=False)["input_ids"]]
+    device, order = input_device(model), sorted(range(len(instructions)), key=lengths.__getitem__)
+    for i in tqdm(range(0, len(order), batch_size), desc=desc, leave=False, disable=desc is None):
+        idx = order[i:i + batch_size]
+        yield idx, tokenize(tokenizer, [instructions[j] for j in idx], device)
+
+
 @torch.no_grad()
 def last_logits(model, tokenizer, instructions, batch_size=32, desc=None):
     """Logits at the last prompt position for each instruction, fp32 on CPU, shape (n, vocab).
@@ -310,11 +314,8 @@ def last_logits(model, tokenizer, instructions, batch_size=32, desc=None):
     Only the last position goes through the unembedding (logits_to_keep=1): the vocabulary is 150k-256k.
     Run inside an intervention context to score an intervened model.
     """
-    device = input_device(model)
-    order, out = by_length(tokenizer, instructions), {}
-    for i in tqdm(range(0, len(order), batch_size), desc=desc, leave=False, disable=desc is None):
-        idx = order[i:i + batch_size]
-        batch = tokenize(tokenizer, [instructions[j] for j in idx], device)
+    out = {}
+    for idx, batch in length_batches(model, tokenizer, instructions, batch_size, desc):
         out.update(zip(idx, forward(model, batch, logits_to_keep=1).logits[:, -1].float().cpu()))
     return torch.stack([out[j] for j in range(len(instructions))])
 
@@ -342,13 +343,10 @@ def generate_ids(model, tokenizer, instructions, max_new_tokens=64, batch_size=3
 
     Run inside a hook context to generate with an intervention: the hooks see every new token.
     """
-    device = input_device(model)
     eos = model.generation_config.eos_token_id  # chat models often stop on several tokens (e.g. <|im_end|>)
     stop = {tokenizer.eos_token_id, *(eos if isinstance(eos, list) else [eos])} - {None}
-    order, out = by_length(tokenizer, instructions), {}
-    for i in tqdm(range(0, len(order), batch_size), desc=desc, leave=False):
-        idx = order[i:i + batch_size]
-        batch = tokenize(tokenizer, [instructions[j] for j in idx], device)
+    out = {}
+    for idx, batch in length_batches(model, tokenizer, instructions, batch_size, desc):
         ids = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False, temperature=None, top_p=None,
                              top_k=None, pad_token_id=tokenizer.pad_token_id)[:, batch["input_ids"].shape[1]:]
         for j, row in zip(idx, ids.tolist()):

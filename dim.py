@@ -46,10 +46,9 @@ def filter_prompts(model, tok, prompts, refusal_ids, harmful, batch_size):
 @torch.no_grad()
 def mean_activations(model, tok, instructions, n_post, batch_size):
     """Mean block-input activation at the last n_post positions of every layer: (n_post, n_layers, d), float64."""
-    n_layers, device = len(C.decoder_layers(model)), C.input_device(model)
+    n_layers = len(C.decoder_layers(model))
     total = torch.zeros(n_post, n_layers, C.hidden_size(model), dtype=torch.float64)
-    for i in tqdm(range(0, len(instructions), batch_size), desc="means", leave=False):
-        batch = C.tokenize(tok, instructions[i:i + batch_size], device)
+    for _, batch in C.length_batches(model, tok, instructions, batch_size, desc="means"):
         # hidden_states[l] is the input of block l (hidden_states[0] = embeddings); the last entry is after the
         # final norm and is not a block input. Left padding puts the post-instruction tokens at the end.
         hs = C.forward(model, batch, output_hidden_states=True, logits_to_keep=1).hidden_states[:n_layers]

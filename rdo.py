@@ -184,6 +184,8 @@ def loss_and_grad(model, tok, r, batch, alpha, layer, lambdas, micro_batch):
     device, n = C.input_device(model), len(batch)
     harm, safe, answer, refusal, retain = zip(*batch)
     n_tokens = {p: len(tok(p, add_special_tokens=False)["input_ids"]) for p in harm + safe}
+    losses = {"abl": lambda b: ablation_loss(model, r, b), "add": lambda b: addition_loss(model, r, b, alpha, layer),
+              "ret": lambda b: retain_loss(model, r, b)}
     sums = {}
     for key, prompts, targets in (("abl", harm, answer), ("add", safe, refusal), ("ret", safe, retain)):
         order = sorted(range(n), key=lambda i: n_tokens[prompts[i]] + len(targets[i]))
@@ -191,8 +193,7 @@ def loss_and_grad(model, tok, r, batch, alpha, layer, lambdas, micro_batch):
         for j in range(0, n, micro_batch):
             idx = order[j:j + micro_batch]
             b = pack(tok, [prompts[i] for i in idx], [targets[i] for i in idx], device)
-            per_example = (ablation_loss(model, r, b) if key == "abl" else retain_loss(model, r, b) if key == "ret"
-                           else addition_loss(model, r, b, alpha, layer))
+            per_example = losses[key](b)
             (lambdas[key] * per_example.sum() / n).backward()
             sums[key] += per_example.sum().item() / n
     sums["loss"] = sum(lambdas[key] * sums[key] for key in lambdas)
