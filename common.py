@@ -456,7 +456,8 @@ def get_prompts(spec, n_train, n_val, val_spec=None, seed=0):
     """(train, val) instruction lists from a named set or a local file.
 
     A local file is shuffled with `seed` and split: the last n_val for validation unless `val_spec` names a
-    separate validation file. The same seed always gives the same lists, and val[:n] is stable in n.
+    separate validation file (a named set gives its own validation split). The same seed always gives the same
+    lists; with a validation file, val[:n] does not depend on n_val (benches take held-out prompts after it).
     """
     if spec in NAMED_SETS:
         parts = _load_named(spec, seed)
@@ -472,7 +473,7 @@ def get_prompts(spec, n_train, n_val, val_spec=None, seed=0):
         else:
             train = items
     if val_spec is not None:
-        val = get_prompts(val_spec, 0, 0, seed=seed)[1] if val_spec in NAMED_SETS else load_instructions(val_spec)
+        val = _load_named(val_spec, seed)["val"] if val_spec in NAMED_SETS else load_instructions(val_spec)
         random.Random(seed).shuffle(val)
     return train[:n_train], val[:n_val]
 

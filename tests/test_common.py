@@ -190,3 +190,24 @@ def test_pick_dtype():
     assert C.pick_dtype("auto", "cuda") is torch.bfloat16
     with pytest.raises(C.RefusalError, match="unknown --dtype"):
         C.pick_dtype("int3")
+
+
+def test_named_sets_follow_the_paper_recipe(monkeypatch):
+    """SALAD-Bench: Multilingual and ToxicChat dropped, at most 256 per source, 128 held out; Alpaca: empty input
+    only. The hub is replaced by a fake load_dataset (no network here)."""
+    import datasets
+    rows = {"OpenSafetyLab/Salad-Data": [{"question": f"{s} q{i}", "source": s} for s, n in
+                                         (("GPTFuzzer", 300), ("HH-harmless", 100), ("Multilingual", 50),
+                                          ("ToxicChat", 50), ("Advbench", 400)) for i in range(n)],
+            "tatsu-lab/alpaca": [{"instruction": f"task {i}", "input": "" if i % 3 else "ctx"} for i in range(900)]}
+    monkeypatch.setattr(datasets, "load_dataset", lambda hub_id, config=None, split=None: rows[hub_id])
+    train, val = C.get_prompts("saladbench", 10_000, 10_000)
+    both = train + val
+    assert len(val) == 128 and len(both) == 256 + 100 + 256 and len(set(both)) == len(both)
+    assert not any(q.startswith(("Multilingual", "ToxicChat")) for q in both)
+    assert (train, val) == C.get_prompts("saladbench", 10_000, 10_000)  # seeded
+    train, val = C.get_prompts("alpaca", 50, 20, val_spec="alpaca")
+    assert len(train) == 50 and len(val) == 20 and all(int(x.split()[1]) % 3 for x in train + val)
+    monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: (_ for _ in ()).throw(ConnectionError("offline")))
+    with pytest.raises(C.RefusalError, match="offline, pass a local"):
+        C.get_prompts("jailbreakbench", 0, 100)
