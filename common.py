@@ -10,7 +10,7 @@ Only what two or more scripts use lives here:
   results     add_common_args, out_dir, save_result, load_direction, check_direction
 Every error a user can cause is raised as RefusalError; `main()` wrappers turn it into one line and exit 2.
 """
-import contextlib, csv, datetime, hashlib, json, os, platform, random, subprocess, sys
+import argparse, contextlib, csv, datetime, hashlib, json, os, platform, random, subprocess, sys
 
 import torch
 from tqdm.auto import tqdm
@@ -479,6 +479,14 @@ def get_prompts(spec, n_train, n_val, val_spec=None, seed=0):
 
 
 # ----------------------------------------------------------------------------- results
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """--help: the docstring as written, and each flag's default unless its help already says it."""
+    def _get_help_string(self, action):
+        if "default" in (action.help or "") or action.default in (None, False):
+            return action.help
+        return super()._get_help_string(action)
+
 
 def add_common_args(parser, method, n_train=128, n_val=32, batch_size=32):
     a = parser.add_argument

@@ -25,7 +25,7 @@ import common as C
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=C.HelpFormatter)
     C.add_common_args(p, "dim")
     p.add_argument("--layer", type=int, default=None,
                    help="only this layer: its best position, the best near miss if none passes the filters (default: all layers)")

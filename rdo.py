@@ -31,26 +31,26 @@ import dim
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=C.HelpFormatter)
     C.add_common_args(p, "rdo", n_train=1184)
     a = p.add_argument
     a("--dim", default=None, help="dim.safetensors from dim.py (default: compute DIM here, at --layer if given)")
     a("--layer", type=int, default=None, help="addition layer (default: the DIM layer)")
     a("--alpha", type=float, default=None, help="addition strength (default: the DIM direction's norm)")
-    a("--lr", type=float, default=0.01)
-    a("--betas", type=float, nargs=2, default=(0.9, 0.98))
+    a("--lr", type=float, default=0.01, help="AdamW learning rate")
+    a("--betas", type=float, nargs=2, default=(0.9, 0.98), help="AdamW betas")
     a("--effective-batch", type=int, default=16, help="examples per optimizer step")
     a("--micro-batch", type=int, default=None,
       help="examples per forward pass; the loss does not depend on it (default: 16 on a GPU; 2 on a CPU, where "
            "larger is barely faster and needs more memory: bench/rdo_step.py)")
-    a("--epochs", type=int, default=1)
-    a("--max-steps", type=int, default=None, help="stop after this many optimizer steps")
-    a("--lambda-abl", type=float, default=1.0)
-    a("--lambda-add", type=float, default=0.2)
-    a("--lambda-ret", type=float, default=1.0)
-    a("--answer-tokens", type=int, default=30)
-    a("--retain-tokens", type=int, default=29)
-    a("--refusal-tokens", type=int, default=32, help="at most this many, cut after the first sentence")
+    a("--epochs", type=int, default=1, help="passes over the training pairs at most")
+    a("--max-steps", type=int, default=None, help="stop after this many optimizer steps (default: one epoch)")
+    a("--lambda-abl", type=float, default=1.0, help="weight of the ablation loss (answer harmful prompts)")
+    a("--lambda-add", type=float, default=0.2, help="weight of the addition loss (refuse harmless prompts)")
+    a("--lambda-ret", type=float, default=1.0, help="weight of the retain loss (KL on harmless answers)")
+    a("--answer-tokens", type=int, default=30, help="length of t_answer (DIM ablated, harmful prompts)")
+    a("--retain-tokens", type=int, default=29, help="length of t_retain (no intervention, harmless prompts)")
+    a("--refusal-tokens", type=int, default=32, help="t_refusal (DIM added, harmless prompts): at most this many tokens, cut after the first sentence")
     a("--patience", type=int, default=5, help="steps without improvement before lr / 10")
     a("--lr-drops", type=int, default=2, help="lr reductions before the next plateau stops training")
     a("--select-last", type=int, default=20, help="choose the final direction among this many last iterates")
