@@ -165,3 +165,12 @@ def test_unsupported_architecture(tmp_path):
 def test_not_a_model_folder(tmp_path):
     with pytest.raises(C.RefusalError, match="cannot load model"):
         C.load_model(str(tmp_path), dtype="float32")
+
+
+def test_filter_prompts_keeps_refused_harmful_and_answered_harmless(monkeypatch):
+    # crafted last-position logits: prompts 0 and 2 put most mass on the refusal token 5
+    logits = torch.zeros(4, 10)
+    logits[[0, 2], 5] = 10.0
+    monkeypatch.setattr(C, "last_logits", lambda model, tok, prompts, bs: logits)
+    assert dim.filter_prompts(None, None, HARMFUL[:4], [5], True, 2) == [HARMFUL[0], HARMFUL[2]]
+    assert dim.filter_prompts(None, None, HARMFUL[:4], [5], False, 2) == [HARMFUL[1], HARMFUL[3]]
