@@ -1,14 +1,14 @@
 """Shared machinery for the refusal-geometry scripts (dim.py, rdo.py, rco.py, repind.py, ...).
 
 Only what two or more scripts use lives here:
-  models      load_model, decoder_layers, pick_device / pick_dtype
-  chat        format_chat, post_instruction_ids, tokenize
-  hooks       directional_ablation, activation_addition (context managers, differentiable)
+  models      load_model, decoder_layers, hidden_size, check_layer, pick_device / pick_dtype
+  chat        format_chat, post_instruction_ids, tokenize, forward (real position ids under left padding)
+  hooks       directional_ablation, activation_addition (context managers, differentiable), unit_basis
   scoring     last_logits, refusal_token_ids, refusal_scores, kl_last, is_refusal, refusal_rate
-  generation  generate (batched, greedy, left-padded)
+  generation  generate / generate_ids (batched by length, greedy, left-padded)
   data        load_instructions, get_prompts (named sets or local .json/.jsonl/.csv/.txt)
-  results     add_common_args, out_dir, save_result, load_direction, check_direction
-Every error a user can cause is raised as RefusalError; `main()` wrappers turn it into one line and exit 2.
+  results     add_common_args, HelpFormatter, out_dir, model_dir, save_result, load_result, load_direction
+Every error a user can cause is raised as RefusalError; run(main) turns it into one line and exit code 2.
 """
 import argparse, contextlib, csv, datetime, hashlib, json, os, platform, random, subprocess, sys
 
