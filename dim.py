@@ -126,6 +126,17 @@ def best_per_criterion(scores, reasons):
     return best
 
 
+def near_miss(items, bypass, reasons):
+    """When nothing passes every filter: the lowest-bypass item within the KL bound (it bounds the side effects;
+    the induce rule is strict for models that refuse weakly), else one failing a single rule, else any that was
+    scored. `bypass` and `reasons` map an item to its bypass score and discard reasons. None if none scored."""
+    scored = [c for c in items if "nan/not scored" not in reasons(c)]
+    tiers = ([c for c in scored if not any(w.startswith("kl>") for w in reasons(c))],
+             [c for c in scored if len(reasons(c)) == 1], scored)
+    pool = next((t for t in tiers if t), [])
+    return min(pool, key=bypass) if pool else None
+
+
 def plot_scores(scores, path, n_post, chosen, kl_threshold=0.1, induce_threshold=0.0):
     try:
         import matplotlib
@@ -195,13 +206,13 @@ def compute_dim(model, tok, args, data, log=print):
             "data": {"harmful_train": len(harm_train), "harmful_val": len(harm_val),
                      "harmless_train": len(safe_train), "harmless_val": len(safe_val)},
             "candidates": candidates, "scores": scores, "best_per_criterion": best_per_criterion(scores, reasons)}
-    if chosen is None and args.layer is not None:  # the user chose the layer: take its best position anyway,
-        best = info["best_per_criterion"]  # preferring one within the KL bound (the side-effect guarantee)
-        pick = best.get(f"only_induce<{args.induce_threshold}") or best.get(f"only_kl>{args.kl_threshold}") or best["bypass"]
-        info["chosen"] = chosen = (pick["position_index"], pick["layer"])
-        info["relaxed"] = f"no position at layer {args.layer} passes every filter: took the best near miss"
-        log(f"{info['relaxed']}, position {pick['position_index'] - n_post} (bypass {pick['bypass']:.2f}, "
-            f"induce {pick['induce']:.2f}, kl {pick['kl']:.3f})")
+    if chosen is None and args.layer is not None:  # the user chose the layer: take its best position anyway
+        chosen = info["chosen"] = near_miss([(i, args.layer) for i in range(n_post)],
+                                            lambda c: scores["bypass"][c].item(), reasons.get)
+        if chosen is not None:
+            info["relaxed"] = f"no position at layer {args.layer} passes every filter: took the best near miss"
+            log(f"{info['relaxed']}, position {chosen[0] - n_post} ("
+                + ", ".join(f"{k} {scores[k][chosen]:.3f}" for k in scores) + ")")
     if chosen is None:
         return None, info
     return candidates[chosen], info

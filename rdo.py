@@ -238,16 +238,14 @@ def select_iterate(model, tok, iterates, steps, alpha, layer, harm_val, safe_val
     for step, r in tqdm(list(zip(steps, iterates)), desc="selection"):
         s = dim.score_direction(model, tok, alpha * r, layer, harm_val, safe_val, base_safe, refusal_ids, args.batch_size)
         scored.append({"step": step, **s, "discarded": dim.discard_reasons(s, args.kl_threshold, args.induce_threshold)})
-    # Fall back step by step: every filter, then the KL filter alone (it bounds the side effects; the induce rule
-    # is strict for models that refuse weakly), then any iterate that scored at all.
-    for rule, kept in (("every filter", [s for s in scored if not s["discarded"]]),
-                       ("the KL filter", [s for s in scored if not any(w.startswith(("kl", "nan")) for w in s["discarded"])]),
-                       ("nothing", [s for s in scored if "nan/not scored" not in s["discarded"]])):
-        if kept:
-            if rule != "every filter":
-                print(f"no iterate passes every selection filter; choosing among those that pass {rule}")
-            return min(kept, key=lambda s: s["bypass"]), scored
-    raise C.RefusalError("every iterate scored NaN in the selection: the training diverged; lower --lr")
+    kept = [s for s in scored if not s["discarded"]]
+    if kept:
+        return min(kept, key=lambda s: s["bypass"]), scored
+    best = dim.near_miss(scored, lambda s: s["bypass"], lambda s: s["discarded"])  # the same fallback as dim.py
+    if best is None:
+        raise C.RefusalError("every iterate scored NaN in the selection: the training diverged; lower --lr")
+    print(f"no iterate passes every selection filter; taking the best near miss (step {best['step']}: {best['discarded']})")
+    return best, scored
 
 
 def main(argv=None):

@@ -1,12 +1,12 @@
 """dim.py: the means, the selection rules, and the script end to end on a tiny model folder."""
-import json, math, os
+import json
 
 import pytest
 import torch
 
 import common as C
 import dim
-from conftest import HARMFUL, HARMLESS, make_model, make_tokenizer
+from conftest import HARMFUL, make_model, make_tokenizer
 
 
 @pytest.mark.parametrize("family", ["qwen2", "gemma2"])
