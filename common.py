@@ -13,6 +13,7 @@ Every error a user can cause is raised as RefusalError; run(main) turns it into 
 import argparse, contextlib, csv, datetime, hashlib, json, os, platform, random, subprocess, sys
 
 import torch
+import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 
@@ -333,6 +334,31 @@ def kl_last(base_logits, logits):
     p = base_logits.double().log_softmax(-1)
     q = logits.double().log_softmax(-1)
     return (p.exp() * (p - q)).sum(-1).mean().item()
+
+
+@torch.no_grad()
+def layer_cosines(model, tokenizer, instructions, directions, batch_size=32, desc=None):
+    """Mean over prompts of cos(x_l, v) at the last prompt position, for every block input x_l and every
+    direction v: shape (k, n_layers), float64 (Figures 6 and 9). Run inside an intervention context to see the
+    intervened activations (the capture hook runs after any ablation hook registered before it)."""
+    dirs = directions.float().reshape(-1, directions.shape[-1])
+    units = dirs / dirs.norm(dim=-1, keepdim=True)
+    blocks, seen = decoder_layers(model), {}
+
+    def capture(l):
+        def hook(module, args, kwargs):
+            x = args[0] if args else kwargs["hidden_states"]
+            seen[l] = x[:, -1].double()
+        return hook
+
+    total = torch.zeros(len(units), len(blocks), dtype=torch.float64)
+    with _hooks([(lambda h, b=b: b.register_forward_pre_hook(h, with_kwargs=True), capture(l)) for l, b in enumerate(blocks)]):
+        for idx, batch in length_batches(model, tokenizer, instructions, batch_size, desc):
+            forward(model, batch, logits_to_keep=1)
+            for l in range(len(blocks)):
+                x = seen[l].cpu()
+                total[:, l] += (F.normalize(x, dim=-1) @ units.double().cpu().T).sum(0)
+    return total / len(instructions)
 
 
 # ----------------------------------------------------------------------------- generation

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import common as C
-from conftest import make_model, make_tokenizer
+from conftest import HARMFUL, make_model, make_tokenizer
 
 
 # ----------------------------------------------------------------------------- chat format
@@ -211,3 +211,20 @@ def test_named_sets_follow_the_paper_recipe(monkeypatch):
     monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: (_ for _ in ()).throw(ConnectionError("offline")))
     with pytest.raises(C.RefusalError, match="offline, pass a local"):
         C.get_prompts("jailbreakbench", 0, 100)
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma2"])
+def test_layer_cosines_match_hidden_states_and_see_ablation(family):
+    model, tok = make_model(family)
+    prompts = HARMFUL[:3]
+    dirs = torch.randn(2, model.config.hidden_size)
+    got = C.layer_cosines(model, tok, prompts, dirs, batch_size=2)
+    want = torch.zeros(2, model.config.num_hidden_layers, dtype=torch.float64)
+    for p in prompts:  # one at a time, no padding: hidden_states[l] is the input of block l
+        hs = model(**C.tokenize(tok, [p]), output_hidden_states=True).hidden_states
+        for l in range(model.config.num_hidden_layers):
+            want[:, l] += torch.nn.functional.cosine_similarity(hs[l][0, -1].double(), dirs.double(), dim=-1) / len(prompts)
+    assert torch.allclose(got, want, atol=1e-5)
+    with C.directional_ablation(model, dirs[0]):  # the ablated direction has ~0 cosine at every block input
+        ablated = C.layer_cosines(model, tok, prompts, dirs, batch_size=2)
+    assert ablated[0].abs().max() < 1e-5 and ablated[1].abs().max() > 1e-3
