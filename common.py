@@ -235,12 +235,14 @@ def _hooks(registrations):
 
 @contextlib.contextmanager
 def directional_ablation(model, directions):
-    """Project the direction (d,) or the subspace spanned by directions (k, d) out of every residual-stream write.
+    """Project the direction (d,) or the subspace spanned by directions (k, d) out of every residual-stream write;
+    directions of shape (batch, 1, d) give each batch row its own direction.
 
     x <- x - Q^T Q x at the input of every decoder block and on every component output that is added to the
     residual, at all positions (prompt and generated tokens alike). Gradients flow back to `directions`.
     """
-    q = unit_basis(directions)
+    per_row = directions.dim() == 3  # (batch, 1, d): each batch row ablates its own direction (rco.py)
+    q = F.normalize(directions.float(), dim=-1) if per_row else unit_basis(directions)
     cache = {}
 
     def project(x):
@@ -248,6 +250,8 @@ def directional_ablation(model, directions):
         if key not in cache:
             cache[key] = q.to(x.device, x.dtype)
         qq = cache[key]
+        if per_row:
+            return x - (x * qq).sum(-1, keepdim=True) * qq
         return x - (x @ qq.T) @ qq
 
     regs = []

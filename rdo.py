@@ -160,7 +160,7 @@ def ablation_loss(model, r, b):
 
 def addition_loss(model, r, b, alpha, layer):
     """Line 4, per example: CE(f_add(alpha r_hat, l)(p_safe), t_refusal)."""
-    with C.activation_addition(model, alpha * r / r.norm(), layer):
+    with C.activation_addition(model, alpha * r / r.norm(dim=-1, keepdim=True), layer):
         return ce_per_example(window_logits(model, b, int(b["n_target"].max()) + 1), b)
 
 
@@ -176,7 +176,8 @@ def retain_loss(model, r, b):
 
 def loss_and_grad(model, tok, r, batch, alpha, layer, lambdas, micro_batch):
     """COMPUTELOSS (line 6: L = sum of lambda * loss) over a batch of (p_harm, p_safe, t_answer, t_refusal, t_retain),
-    leaving dL/dr in r.grad. Returns L and its unweighted parts as floats.
+    leaving dL/dr in r.grad. Returns L and its unweighted parts as floats. r is one direction (d,) for the whole
+    batch, or one per example (n, d) (rco.py trains many directions at once this way).
 
     Each loss is a mean over examples, so each runs over its own micro-batches of examples sorted by length:
     less padding, and the result does not depend on micro_batch. Backward after every micro-batch bounds memory.
@@ -184,8 +185,8 @@ def loss_and_grad(model, tok, r, batch, alpha, layer, lambdas, micro_batch):
     device, n = C.input_device(model), len(batch)
     harm, safe, answer, refusal, retain = zip(*batch)
     n_tokens = {p: len(tok(p, add_special_tokens=False)["input_ids"]) for p in harm + safe}
-    losses = {"abl": lambda b: ablation_loss(model, r, b), "add": lambda b: addition_loss(model, r, b, alpha, layer),
-              "ret": lambda b: retain_loss(model, r, b)}
+    losses = {"abl": lambda b, r: ablation_loss(model, r, b), "add": lambda b, r: addition_loss(model, r, b, alpha, layer),
+              "ret": lambda b, r: retain_loss(model, r, b)}
     sums = {}
     for key, prompts, targets in (("abl", harm, answer), ("add", safe, refusal), ("ret", safe, retain)):
         order = sorted(range(n), key=lambda i: n_tokens[prompts[i]] + len(targets[i]))
@@ -193,7 +194,7 @@ def loss_and_grad(model, tok, r, batch, alpha, layer, lambdas, micro_batch):
         for j in range(0, n, micro_batch):
             idx = order[j:j + micro_batch]
             b = pack(tok, [prompts[i] for i in idx], [targets[i] for i in idx], device)
-            per_example = losses[key](b)
+            per_example = losses[key](b, r if r.dim() == 1 else r[idx].unsqueeze(1))
             (lambdas[key] * per_example.sum() / n).backward()
             sums[key] += per_example.sum().item() / n
     sums["loss"] = sum(lambdas[key] * sums[key] for key in lambdas)
@@ -248,35 +249,59 @@ def select_iterate(model, tok, iterates, steps, alpha, layer, harm_val, safe_val
     return best, scored
 
 
-def main(argv=None):
-    args = parse_args(argv)
-    t0 = time.time()
+def setup(args, method):
+    """What every training script (rdo.py, rco.py, repind.py) does before its loop: output folder and checkpoint
+    path (refusing to clobber a result or an unfinished run), data, model, the DIM direction, layer, alpha and
+    targets. Returns a namespace."""
     C.seed_everything(args.seed)
-    out = args.out or C.model_dir(args.model, "rdo")
-    ckpt_path = os.path.join(out, "rdo_checkpoint.pt")
+    out = args.out or C.model_dir(args.model, method)
+    ckpt_path = os.path.join(out, f"{method}_checkpoint.pt")
     if not args.resume:
         if os.path.isfile(ckpt_path) and not args.overwrite:
             raise C.RefusalError(f"{ckpt_path} holds an unfinished run: pass --resume to continue it, or --overwrite")
-        out = C.out_dir(args, "rdo")
+        out = C.out_dir(args, method)
     elif not os.path.isfile(ckpt_path):
         raise C.RefusalError(f"--resume: no checkpoint at {ckpt_path}")
     data = dim.load_data(args)
     harm, harm_val, safe, safe_val = data
     n = min(len(harm), len(safe))
-    harm, safe = harm[:n], safe[:n]
     model, tok = C.load_model(args.model, args.device, args.dtype)
     device = C.input_device(model)
-    micro_batch = args.micro_batch or (args.effective_batch if device.type == "cuda" else 2)
-
     dim_vec, dim_layer = get_dim(model, tok, args, out, data)
     layer = C.check_layer(model, dim_layer if args.layer is None else args.layer)
-    alpha = args.alpha if args.alpha is not None else dim_vec.norm().item()
     basis = None
-    if args.orthogonal_to:
+    if getattr(args, "orthogonal_to", None):
         basis = C.unit_basis(torch.cat([C.load_direction(f, model)[0].reshape(-1, C.hidden_size(model))
                                          for f in args.orthogonal_to])).to(device)
-    targets = get_targets(model, tok, harm, safe, dim_vec, dim_layer, args)  # DIM acts at its own layer
-    lambdas = {"abl": args.lambda_abl, "add": args.lambda_add, "ret": args.lambda_ret}
+    steps_per_epoch = n // args.effective_batch
+    if steps_per_epoch == 0:
+        raise C.RefusalError(f"{n} training pairs are fewer than one effective batch ({args.effective_batch})")
+    total = steps_per_epoch * args.epochs if args.max_steps is None else min(args.max_steps, steps_per_epoch * args.epochs)
+    run_key = {k: getattr(args, k) for k in ("model", "harmful", "harmless", "n_train", "seed", "effective_batch",
+                                              "epochs", "lr", "lambda_abl", "lambda_add", "lambda_ret")}
+    run_key.update(layer=layer, dim=C.tensor_hash(dim_vec))
+    return SimpleNamespace(
+        out=out, ckpt_path=ckpt_path, model=model, tok=tok, device=device, harm=harm[:n], safe=safe[:n], n=n,
+        harm_val=harm_val, safe_val=safe_val, dim_vec=dim_vec, dim_layer=dim_layer, layer=layer, basis=basis,
+        alpha=args.alpha if args.alpha is not None else dim_vec.norm().item(),
+        targets=get_targets(model, tok, harm[:n], safe[:n], dim_vec, dim_layer, args),  # DIM acts at its own layer
+        lambdas={"abl": args.lambda_abl, "add": args.lambda_add, "ret": args.lambda_ret},
+        micro_batch=args.micro_batch or (args.effective_batch if device.type == "cuda" else 2),
+        total=total, run_key=run_key)
+
+
+def training_batch(S, idx):
+    """(p_harm, p_safe, t_answer, t_refusal, t_retain) for the given training pair indices."""
+    t = S.targets
+    return [(S.harm[i], S.safe[i], t["answer"][i], t["refusal"][i], t["retain"][i]) for i in idx]
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    t0 = time.time()
+    S = setup(args, "rdo")
+    model, tok, device, out, ckpt_path, n = S.model, S.tok, S.device, S.out, S.ckpt_path, S.n
+    layer, alpha, basis, dim_vec, total, run_key = S.layer, S.alpha, S.basis, S.dim_vec, S.total, S.run_key
     print(f"RDO at layer {layer}, alpha {alpha:.2f}, {n} training pairs, effective batch {args.effective_batch}")
 
     # Algorithm 1, line 1: initialise r randomly (on the sphere; orthogonal to the given directions for RDO-perp)
@@ -284,14 +309,7 @@ def main(argv=None):
     r = project_out(torch.randn(C.hidden_size(model), generator=g).to(device), basis)
     r = (r / r.norm()).requires_grad_(True)
     opt = torch.optim.AdamW([r], lr=args.lr, betas=tuple(args.betas), weight_decay=0.0)
-    steps_per_epoch = n // args.effective_batch
-    if steps_per_epoch == 0:
-        raise C.RefusalError(f"{n} training pairs are fewer than one effective batch ({args.effective_batch})")
-    total = steps_per_epoch * args.epochs if args.max_steps is None else min(args.max_steps, steps_per_epoch * args.epochs)
     order = torch.cat([torch.randperm(n, generator=g) for _ in range(args.epochs)])
-    run_key = {k: getattr(args, k) for k in ("model", "harmful", "harmless", "n_train", "seed", "effective_batch",
-                                              "epochs", "lr", "lambda_abl", "lambda_add", "lambda_ret")}
-    run_key.update(layer=layer, dim=C.tensor_hash(dim_vec))
     state = {"step": 0, "plateau": {"best": math.inf, "bad": 0, "drops": 0}, "history": [], "iterates": [], "done": False}
     if args.resume:
         ck = torch.load(ckpt_path, weights_only=False)
@@ -308,8 +326,7 @@ def main(argv=None):
         s = state["step"]
         idx = order[s * args.effective_batch:(s + 1) * args.effective_batch].tolist()  # line 3: sample a batch
         opt.zero_grad()
-        batch = [(harm[i], safe[i], targets["answer"][i], targets["refusal"][i], targets["retain"][i]) for i in idx]
-        sums = loss_and_grad(model, tok, r, batch, alpha, layer, lambdas, micro_batch)  # line 4, COMPUTELOSS
+        sums = loss_and_grad(model, tok, r, training_batch(S, idx), alpha, layer, S.lambdas, S.micro_batch)  # line 4
         if not math.isfinite(sums["loss"]):
             raise C.RefusalError(f"loss is {sums['loss']} at step {s}: stopped; the last good state is in {ckpt_path} "
                                  "(lower --lr, or use --dtype float32)")
@@ -338,13 +355,13 @@ def main(argv=None):
     # choose the final direction among the last iterates, as the paper does (Appendix A.3)
     last = list(range(len(state["iterates"])))[-args.select_last:]
     chosen, scored = select_iterate(model, tok, [state["iterates"][i].to(device) for i in last], last, alpha, layer,
-                                    harm_val, safe_val, args)
+                                    S.harm_val, S.safe_val, args)
     direction = state["iterates"][chosen["step"]]
-    meta = {"model": args.model, "layer": layer, "alpha": alpha, **C.provenance(args), "dim": args.dim, "dim_layer": dim_layer,
+    meta = {"model": args.model, "layer": layer, "alpha": alpha, **C.provenance(args), "dim": args.dim, "dim_layer": S.dim_layer,
             "dim_alpha": dim_vec.norm().item(), "orthogonal_to": args.orthogonal_to, "chosen_step": chosen["step"],
             "chosen_scores": chosen, "selection": scored, "history": state["history"],
             "max_abs_cos_with_orthogonal_to": None if basis is None else (basis.cpu() @ direction).abs().max().item(),
-            "data": {"train_pairs": n, "harmful_val": len(harm_val), "harmless_val": len(safe_val)},
+            "data": {"train_pairs": n, "harmful_val": len(S.harm_val), "harmless_val": len(S.safe_val)},
             "seconds": round(time.time() - t0, 1)}
     path = C.save_result(out, "rdo", {"direction": direction}, meta)
     os.remove(ckpt_path)

@@ -182,3 +182,16 @@ def test_gradients_are_finite_through_padded_batches(family):
     with C.directional_ablation(model, r), C.activation_addition(model, 2 * r / r.norm(), 1):
         C.forward(model, batch).logits[:, -1].logsumexp(-1).sum().backward()
     assert torch.isfinite(r.grad).all() and r.grad.abs().sum() > 0
+
+
+def test_per_row_ablation_equals_each_row_ablated_alone():
+    """directions of shape (batch, 1, d): row i sees exactly the ablation of its own direction."""
+    model, tok = make_model("llama")
+    batch = C.tokenize(tok, ["first prompt", "a second, longer prompt"])
+    dirs = torch.randn(2, model.config.hidden_size)
+    with C.directional_ablation(model, dirs.unsqueeze(1)):
+        both = C.forward(model, batch).logits
+    for i in range(2):
+        with C.directional_ablation(model, dirs[i]):
+            alone = C.forward(model, batch).logits
+        assert torch.allclose(both[i], alone[i], atol=1e-5)
