@@ -26,7 +26,6 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 import common as C
-import dim
 import rdo
 
 
@@ -149,19 +148,14 @@ def repind_loss_and_grad(model, tok, r, prompts, ids, acts, others, n_layers, we
 
 # ----------------------------------------------------------------------------- one candidate (Algorithm 1 + L_RepInd)
 
-def train_candidate(model, tok, args, seed, pairs, targets, acts, others, alpha, layer, resume, save):
-    """Train r from a random start; returns the training state (history, every step's iterate)."""
-    harm, safe = pairs
-    n, device, d = len(harm), C.input_device(model), C.hidden_size(model)
-    micro_batch = args.micro_batch or (args.effective_batch if device.type == "cuda" else 2)
-    lambdas = {"abl": args.lambda_abl, "add": args.lambda_add, "ret": args.lambda_ret}
+def train_candidate(S, args, seed, acts, others, resume, save):
+    """Train r from a random start (S: rdo.setup's namespace); returns the training state (history, iterates)."""
+    model, tok, n, device, total = S.model, S.tok, S.n, S.device, S.total
     n_layers = n_loss_layers(model, args.layer_cutoff)
     g = torch.Generator().manual_seed(seed)
-    r = torch.randn(d, generator=g).to(device)
+    r = torch.randn(C.hidden_size(model), generator=g).to(device)
     r = (r / r.norm()).requires_grad_(True)
     opt = torch.optim.AdamW([r], lr=args.lr, betas=tuple(args.betas), weight_decay=0.0)
-    steps_per_epoch = n // args.effective_batch
-    total = steps_per_epoch * args.epochs if args.max_steps is None else min(args.max_steps, steps_per_epoch * args.epochs)
     order = torch.cat([torch.randperm(n, generator=g) for _ in range(args.epochs)])
     state = {"step": 0, "plateau": {"best": math.inf, "bad": 0, "drops": 0}, "history": [], "iterates": [], "done": False}
     if resume is not None:
@@ -175,10 +169,10 @@ def train_candidate(model, tok, args, seed, pairs, targets, acts, others, alpha,
         s = state["step"]
         idx = order[s * args.effective_batch:(s + 1) * args.effective_batch].tolist()
         opt.zero_grad()
-        batch = [(harm[i], safe[i], targets["answer"][i], targets["refusal"][i], targets["retain"][i]) for i in idx]
-        sums = rdo.loss_and_grad(model, tok, r, batch, alpha, layer, lambdas, micro_batch)  # the three RDO losses
-        sums["ind"] = repind_loss_and_grad(model, tok, r, [harm[i] for i in idx], idx, acts, others, n_layers,
-                                           args.lambda_ind, micro_batch)  # ... plus L_RepInd, into the same r.grad
+        sums = rdo.loss_and_grad(model, tok, r, rdo.training_batch(S, idx), S.alpha, S.layer, S.lambdas,
+                                 S.micro_batch)  # the three RDO losses ...
+        sums["ind"] = repind_loss_and_grad(model, tok, r, [S.harm[i] for i in idx], idx, acts, others, n_layers,
+                                           args.lambda_ind, S.micro_batch)  # ... plus L_RepInd, into the same r.grad
         sums["loss"] += args.lambda_ind * sums["ind"]
         if not math.isfinite(sums["loss"]):
             raise C.RefusalError(f"loss is {sums['loss']} at step {s} (seed {seed}): stopped; the last good state is "
@@ -238,41 +232,19 @@ def topk_bypass(model, tok, directions, prompts, batch_size):
 def main(argv=None):
     args = parse_args(argv)
     t0 = time.time()
-    C.seed_everything(args.seed)
-    out = args.out or C.model_dir(args.model, "repind")
-    ckpt_path = os.path.join(out, "repind_checkpoint.pt")
-    if not args.resume:
-        if os.path.isfile(ckpt_path) and not args.overwrite:
-            raise C.RefusalError(f"{ckpt_path} holds an unfinished run: pass --resume to continue it, or --overwrite")
-        out = C.out_dir(args, "repind")
-    elif not os.path.isfile(ckpt_path):
-        raise C.RefusalError(f"--resume: no checkpoint at {ckpt_path}")
     if args.n_directions < 1 or args.candidates < 1:
         raise C.RefusalError("--n-directions and --candidates must be at least 1")
     if not 0 < args.layer_cutoff <= 1:
         raise C.RefusalError(f"--layer-cutoff {args.layer_cutoff} must lie in (0, 1]")
-    data = dim.load_data(args)
-    harm, harm_val, safe, safe_val = data
-    n = min(len(harm), len(safe))
-    harm, safe = harm[:n], safe[:n]
-    if n < args.effective_batch:
-        raise C.RefusalError(f"{n} training pairs are fewer than one effective batch ({args.effective_batch})")
-    model, tok = C.load_model(args.model, args.device, args.dtype)
-    device = C.input_device(model)
-
-    dim_vec, dim_layer = rdo.get_dim(model, tok, args, out, data)
-    layer = C.check_layer(model, dim_layer if args.layer is None else args.layer)
-    alpha = args.alpha if args.alpha is not None else dim_vec.norm().item()
+    S = rdo.setup(args, "repind")  # folder, checkpoint path, data, model, DIM, layer, alpha, targets: as rdo.py
+    model, tok, device, out, ckpt_path, harm = S.model, S.tok, S.device, S.out, S.ckpt_path, S.harm
+    harm_val, safe_val, dim_vec, layer, alpha = S.harm_val, S.safe_val, S.dim_vec, S.layer, S.alpha
     compare = C.load_direction(args.compare, model)[0].reshape(-1, C.hidden_size(model))[0] if args.compare else None
-    targets = rdo.get_targets(model, tok, harm, safe, dim_vec, dim_layer, args)
     n_layers = n_loss_layers(model, args.layer_cutoff)
-    print(f"RepInd at layer {layer}, alpha {alpha:.2f}, {n} training pairs, loss over block inputs 0..{n_layers - 1}, "
+    print(f"RepInd at layer {layer}, alpha {alpha:.2f}, {S.n} training pairs, loss over block inputs 0..{n_layers - 1}, "
           f"{args.n_directions} direction(s) x {args.candidates} candidate(s)")
 
-    run_key = {k: getattr(args, k) for k in ("model", "harmful", "harmless", "n_train", "seed", "effective_batch", "epochs",
-                                              "lr", "lambda_abl", "lambda_add", "lambda_ret", "lambda_ind", "layer_cutoff",
-                                              "candidates", "max_steps")}
-    run_key.update(layer=layer, dim=C.tensor_hash(dim_vec))
+    run_key = {**S.run_key, **{k: getattr(args, k) for k in ("lambda_ind", "layer_cutoff", "candidates", "max_steps")}}
     ck = {"run": run_key, "found": [], "cands": [], "train": None}
     if args.resume:
         ck = torch.load(ckpt_path, weights_only=False)
@@ -295,8 +267,7 @@ def main(argv=None):
             def save_step(train):
                 ck["train"] = train
                 save()
-            state = train_candidate(model, tok, args, seed, (harm, safe), targets, acts, others, alpha, layer,
-                                    ck["train"], save_step)
+            state = train_candidate(S, args, seed, acts, others, ck["train"], save_step)
             last = list(range(len(state["iterates"])))[-args.select_last:]
             chosen, scored = rdo.select_iterate(model, tok, [state["iterates"][i].to(device) for i in last], last,
                                                 alpha, layer, harm_val, safe_val, args)
@@ -325,11 +296,11 @@ def main(argv=None):
     dim_unit = dim_vec.float().cpu() / dim_vec.norm().item()
     found = [{"index": j + 1, "cos_with_dim": (directions[j] @ dim_unit).item(),
               **{k2: v for k2, v in f.items() if k2 != "direction"}} for j, f in enumerate(ck["found"])]
-    meta = {"model": args.model, "layer": layer, "alpha": alpha, **C.provenance(args), "dim": args.dim, "dim_layer": dim_layer,
+    meta = {"model": args.model, "layer": layer, "alpha": alpha, **C.provenance(args), "dim": args.dim, "dim_layer": S.dim_layer,
             "dim_alpha": dim_vec.norm().item(), "loss_layers": n_layers, "compare": args.compare, "directions": found,
             "baseline_refusal_score_harmful_val": baseline,
             "topk_bypass": topk_bypass(model, tok, directions.to(device), harm_val, args.batch_size),
-            "figure6": curves, "data": {"train_pairs": n, "harmful_val": len(harm_val), "harmless_val": len(safe_val)},
+            "figure6": curves, "data": {"train_pairs": S.n, "harmful_val": len(harm_val), "harmless_val": len(safe_val)},
             "seconds": round(time.time() - t0, 1)}
     path = C.save_result(out, "repind", {"directions": directions}, meta)
     os.remove(ckpt_path)
