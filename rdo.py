@@ -30,9 +30,10 @@ import common as C
 import dim
 
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=C.HelpFormatter)
-    C.add_common_args(p, "rdo", n_train=1184)
+def training_parser(doc, method):
+    """The flags of Algorithm 1, shared by every script that trains directions (rdo.py, rco.py, repind.py)."""
+    p = argparse.ArgumentParser(description=doc, formatter_class=C.HelpFormatter)
+    C.add_common_args(p, method, n_train=1184)
     a = p.add_argument
     a("--dim", default=None, help="dim.safetensors from dim.py (default: compute DIM here, at --layer if given)")
     a("--layer", type=int, default=None, help="addition layer (default: the DIM layer)")
@@ -56,9 +57,15 @@ def parse_args(argv=None):
     a("--select-last", type=int, default=20, help="choose the final direction among this many last iterates")
     a("--kl-threshold", type=float, default=0.1, help="selection: discard iterates whose ablation KL exceeds this")
     a("--induce-threshold", type=float, default=0.0, help="selection: discard iterates whose induce score is below this")
-    a("--orthogonal-to", nargs="+", default=[], metavar="FILE", help="RDO-perp: stay orthogonal to these directions")
-    a("--resume", action="store_true", help="continue from DIR/rdo_checkpoint.pt")
+    a("--resume", action="store_true", help=f"continue from DIR/{method}_checkpoint.pt")
     a("--cache", default=None, help="targets cache folder (default: runs/<model-name>/targets)")
+    return p
+
+
+def parse_args(argv=None):
+    p = training_parser(__doc__, "rdo")
+    p.add_argument("--orthogonal-to", nargs="+", default=[], metavar="FILE",
+                   help="RDO-perp: stay orthogonal to these directions")
     return p.parse_args(argv)
 
 

@@ -1,0 +1,154 @@
+"""rco.py: uniform cone samples, Gram-Schmidt, the cone loss's gradient, growing cones, resume."""
+import json, math, os
+
+import pytest
+import torch
+
+import common as C
+import rco
+import rdo
+from conftest import HARMFUL, HARMLESS, make_model
+
+
+def ks_statistic(xs, cdf):
+    """Kolmogorov-Smirnov distance between a sample and a continuous CDF."""
+    xs = torch.sort(xs.double()).values
+    n = len(xs)
+    c = cdf(xs)
+    return max((torch.arange(1, n + 1) / n - c).max().item(), (c - torch.arange(n) / n).max().item())
+
+
+def test_samples_are_unit_and_in_the_cone():
+    B = rco.gram_schmidt(torch.randn(3, 20))
+    s = rco.sample_coefficients(3, 500, torch.Generator().manual_seed(0))
+    r = s @ B
+    assert torch.allclose(r.norm(dim=1), torch.ones(500), atol=1e-5)
+    assert (r @ B.T >= -1e-6).all()  # every coefficient in the basis is >= 0
+
+
+def test_samples_are_uniform_on_the_positive_orthant_and_the_convex_sampler_is_not():
+    n, g = 4000, torch.Generator().manual_seed(1)
+    crit = 1.63 / math.sqrt(n)  # the 1% critical value of the KS test
+    uniform_angle = lambda t: t / (math.pi / 2)
+    # k = 2: the angle in the quarter circle is uniform on [0, pi/2]
+    s = rco.sample_coefficients(2, n, g)
+    assert ks_statistic(torch.atan2(s[:, 1], s[:, 0]), uniform_angle) < crit
+    # k = 3: uniform on the sphere makes each coordinate of the octant uniform on [0, 1] (Archimedes)
+    s = rco.sample_coefficients(3, n, g)
+    assert ks_statistic(s[:, 0], lambda x: x) < crit
+    # the biased sampler the paper warns about: a uniform convex combination, normalised
+    lam = torch.rand(n, 1, generator=g)
+    c = torch.cat([lam, 1 - lam], 1)
+    c = c / c.norm(dim=1, keepdim=True)
+    assert ks_statistic(torch.atan2(c[:, 1], c[:, 0]), uniform_angle) > 2 * crit  # rejected, by a wide margin
+
+
+def test_gram_schmidt_keeps_order_and_an_orthonormal_prefix():
+    A = torch.randn(4, 30, dtype=torch.float64)
+    Q = rco.gram_schmidt(A)
+    torch.testing.assert_close(Q @ Q.T, torch.eye(4, dtype=torch.float64))
+    torch.testing.assert_close(Q[0], A[0] / A[0].norm())  # b_1 keeps its direction (no sign flips)
+    assert (torch.diagonal(Q @ A.T) > 0).all()
+    grown = rco.gram_schmidt(torch.cat([Q[:3], torch.randn(1, 30, dtype=torch.float64)]))
+    torch.testing.assert_close(grown[:3], Q[:3])  # a (k-1)-cone's basis survives growing it
+
+
+def test_per_example_directions_match_separate_runs():
+    """rdo.loss_and_grad with one direction per example = the mean of one-example runs, loss and gradient."""
+    model, tok = make_model("llama")
+    tg = [[40, 41], [42, 43, 44]]
+    batch = list(zip(HARMFUL[:2], HARMLESS[:2], tg, tg[::-1], tg))
+    lam = {"abl": 1.0, "add": 0.2, "ret": 1.0}
+    R = torch.randn(2, C.hidden_size(model)).requires_grad_(True)
+    both = rdo.loss_and_grad(model, tok, R, batch, 2.0, 1, lam, 2)
+    for i in range(2):
+        r = R.detach()[i].clone().requires_grad_(True)
+        one = rdo.loss_and_grad(model, tok, r, batch[i:i + 1], 2.0, 1, lam, 1)
+        torch.testing.assert_close(R.grad[i] * 2, r.grad, rtol=1e-4, atol=1e-6)  # `both` is a mean over 2 rows
+        both["loss"] -= one["loss"] / 2
+    assert abs(both["loss"]) < 1e-5
+
+
+def test_cone_gradient_matches_finite_differences():
+    model, tok = make_model("llama")
+    model.double()
+    from types import SimpleNamespace
+    S = SimpleNamespace(model=model, tok=tok, alpha=2.0, layer=1, lambdas={"abl": 1.0, "add": 0.2, "ret": 1.0}, micro_batch=3)
+    tg = [[40, 41], [42, 43, 44]]
+    batch = list(zip(HARMFUL[:2], HARMLESS[:2], tg, tg[::-1], tg))
+    B0 = rco.gram_schmidt(torch.randn(2, C.hidden_size(model), dtype=torch.float64))
+
+    def loss(B, grad=False):
+        B = B.clone().requires_grad_(True)
+        out = rco.cone_loss_and_grad(S, B, batch, 3, torch.Generator().manual_seed(5))  # the same samples each call
+        return out["loss"], B.grad
+
+    L, G = loss(B0)
+    E, h = torch.randn_like(B0), 1e-2  # fp32 inside the losses: a small h would measure rounding
+    fd = (loss(B0 + h * E)[0] - loss(B0 - h * E)[0]) / (2 * h)
+    assert (G * E).sum().item() == pytest.approx(fd, rel=2e-3)
+
+
+# ----------------------------------------------------------------------------- the script
+
+@pytest.fixture
+def setup(tiny_dir, tmp_path):
+    h, s = tmp_path / "h.json", tmp_path / "s.json"
+    h.write_text(json.dumps(HARMFUL))
+    s.write_text(json.dumps(HARMLESS))
+    model, _ = make_model("llama")
+    torch.manual_seed(3)
+    dim_file = C.save_result(str(tmp_path / "dim"), "dim", {"direction": 4 * torch.randn(C.hidden_size(model))}, {"layer": 2})
+    base = ["--model", tiny_dir, "--harmful", str(h), "--harmless", str(s), "--n-train", "4", "--n-val", "2",
+            "--dim", dim_file, "--effective-batch", "2", "--micro-batch", "4", "--dtype", "float32", "--samples", "2",
+            "--answer-tokens", "3", "--retain-tokens", "2", "--refusal-tokens", "3", "--select-last", "2",
+            "--eval-samples", "4", "--select-samples", "2", "--cache", str(tmp_path / "cache")]
+    return base, tmp_path
+
+
+def test_cones_grow_from_the_smaller_cone_and_stay_orthonormal(setup):
+    base, tmp = setup
+    rco.main(base + ["--min-dim", "1", "--max-dim", "2", "--lr", "0", "--out", str(tmp / "still")])
+    k1, _ = C.load_result(str(tmp / "still" / "k1" / "rco.safetensors"))
+    k2, meta = C.load_result(str(tmp / "still" / "k2" / "rco.safetensors"))
+    torch.testing.assert_close(k2["basis"][0], k1["basis"][0])  # lr 0: the 2-cone is still its start
+    rco.main(base + ["--min-dim", "2", "--max-dim", "2", "--lr", "0.05", "--out", str(tmp / "moving")])
+    B, meta = C.load_result(str(tmp / "moving" / "k2" / "rco.safetensors"))
+    torch.testing.assert_close(B["basis"] @ B["basis"].T, torch.eye(2), atol=1e-5, rtol=0)
+    assert meta["k"] == 2 and len(meta["history"]) == 2 and meta["max_abs_offdiag_gram"] < 1e-5
+    ev = meta["evaluation"]
+    assert len(ev["samples"]["bypass"]) == 4 and len(ev["basis"]["induce"]) == 2
+    q = ev["samples"]["bypass_quartiles"]
+    assert q["min"] <= q["median"] <= q["max"] == max(ev["samples"]["bypass"])
+    assert not os.path.exists(tmp / "moving" / "rco_checkpoint.pt")
+    with pytest.raises(C.RefusalError, match="already holds cones"):
+        rco.main(base + ["--out", str(tmp / "moving")])
+
+
+def test_resume_across_cone_dimensions(setup, monkeypatch):
+    base, tmp = setup
+    args = base + ["--min-dim", "1", "--max-dim", "2", "--lr", "0.05"]
+    rco.main(args + ["--out", str(tmp / "full")])
+    real, calls = rdo.plateau_step, []
+
+    def crash(*a, **k):
+        calls.append(1)
+        if len(calls) == 4:  # k = 2, second step
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(rdo, "plateau_step", crash)
+    with pytest.raises(KeyboardInterrupt):
+        rco.main(args + ["--out", str(tmp / "part")])
+    monkeypatch.setattr(rdo, "plateau_step", real)
+    rco.main(args + ["--out", str(tmp / "part"), "--resume"])
+    for k in (1, 2):
+        a, _ = C.load_result(str(tmp / "full" / f"k{k}" / "rco.safetensors"))
+        b, _ = C.load_result(str(tmp / "part" / f"k{k}" / "rco.safetensors"))
+        torch.testing.assert_close(a["basis"], b["basis"], rtol=0, atol=1e-6)
+
+
+def test_bad_dimensions(setup):
+    base, tmp = setup
+    with pytest.raises(C.RefusalError, match="min-dim"):
+        rco.main(base + ["--min-dim", "3", "--max-dim", "2", "--out", str(tmp / "x")])
