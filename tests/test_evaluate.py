@@ -1,0 +1,206 @@
+"""evaluate.py: each mode's numbers on tiny models (crafted completions, hand computations, export equivalence),
+missing optional packages, and error paths."""
+import json, os, sys
+
+import pytest
+import torch
+
+import common as C
+import evaluate as E
+from conftest import HARMFUL, HARMLESS, make_config, make_model, make_tokenizer
+
+
+@pytest.fixture
+def files(tmp_path, tiny_dir):
+    """Prompt files and direction files for the tiny Llama (hidden size 32)."""
+    (tmp_path / "h.json").write_text(json.dumps(HARMFUL))
+    (tmp_path / "s.json").write_text(json.dumps(HARMLESS))
+    g = torch.Generator().manual_seed(1)
+    f = {"h": str(tmp_path / "h.json"), "s": str(tmp_path / "s.json"), "out": str(tmp_path / "out"), "model": tiny_dir,
+         "repind_vecs": torch.randn(3, 32, generator=g)}
+    f["dim"] = C.save_result(str(tmp_path / "dim"), "dim", {"direction": 3 * torch.randn(32, generator=g)}, {"layer": 1, "alpha": 3.0})
+    f["rdo"] = C.save_result(str(tmp_path / "rdo"), "rdo", {"direction": torch.randn(32, generator=g)}, {"layer": 2, "alpha": 2.0})
+    f["rco"] = C.save_result(str(tmp_path / "rco"), "rco", {"basis": torch.linalg.qr(torch.randn(32, 3, generator=g))[0].T}, {})
+    f["repind"] = C.save_result(str(tmp_path / "repind"), "repind", {"directions": f["repind_vecs"]}, {})
+    f["first"] = C.save_result(str(tmp_path / "first"), "first", {"direction": f["repind_vecs"][0]}, {"layer": 1})
+    return f
+
+
+def run(f, mode, *extra, dirs=("dim", "rdo")):
+    E.main([mode, "--model", f["model"], "--dtype", "float32", "--harmful", f["h"], "--harmless", f["s"], "--n-val", "4",
+            "--max-new-tokens", "3", "--out", f["out"], "--direction", *[f[d] for d in dirs], *extra])
+    return json.load(open(os.path.join(f["out"], f"eval_{mode}.json")))
+
+
+def test_rates_from_crafted_completions_and_a_judge():
+    texts = ["I'm sorry, I can't.", "Sure, here is how", "I can\u2019t help with that", "", "Step 1: buy"]
+    r = E.judged(texts, ["p"] * 5, judge=lambda prompts, t: [x.startswith("S") for x in t])
+    assert r["refused"] == [True, False, True, True, False]
+    assert r["refusal_rate"] == pytest.approx(0.6) and r["asr"] == pytest.approx(0.4)
+    assert r["asr_judge"] == pytest.approx(0.4) and r["judge_harmful"] == [False, True, False, False, True]
+
+
+def test_asr_applies_each_intervention_and_counts_crafted_completions(files, monkeypatch, capsys):
+    """A fake generate sees which hooks are on (ablation: every block; subtraction: one block) and answers accordingly."""
+    seen = []
+
+    def fake(model, tok, prompts, max_new_tokens, batch_size, desc):
+        hooked = [len(b._forward_pre_hooks) for b in C.decoder_layers(model)]
+        seen.append(hooked)
+        if sum(hooked) == 0:
+            return ["I'm sorry"] * len(prompts)  # baseline: refuses everything
+        if all(hooked):
+            return ["Sure"] * (len(prompts) - 1) + ["I cannot"]  # ablation
+        return ["Sure"] * 2 + ["As an AI"] * (len(prompts) - 2)  # subtraction at one layer
+    monkeypatch.setattr(C, "generate", fake)
+    res = run(files, "asr", "--judge", os.path.join(files["out"], "no-such-judge"))["results"]
+    assert seen[1] == [1, 1, 1, 1] and seen[2] == [0, 1, 0, 0] and seen[4] == [0, 0, 1, 0]  # dim layer 1, rdo layer 2
+    assert res["baseline"]["asr"] == 0.0 and res["dim ablation"]["asr"] == 0.75 and res["rdo subtraction"]["asr"] == 0.5
+    assert "asr_judge" not in res["baseline"] and "could not be loaded" in capsys.readouterr().out
+
+
+def test_best_of_n_by_hand():
+    refused = [[True, True, False], [True, False, True], [True, True, True]]  # tries x prompts
+    assert E.best_of_n(refused, [1, 2, 3]) == pytest.approx({1: 1 / 3, 2: 2 / 3, 3: 2 / 3})
+
+
+def test_cone_samples_are_unit_and_have_nonnegative_coefficients():
+    basis = torch.linalg.qr(torch.randn(16, 4))[0].T
+    s, r = E.cone_samples(basis, 500, seed=0)
+    assert torch.allclose(r.norm(dim=-1), torch.ones(500), atol=1e-5)
+    assert torch.allclose((r.double() @ basis.double().T), s, atol=1e-5) and (s >= 0).all()
+    assert (s.mean(0) - s.mean()).abs().max() < 0.05  # uniform: no basis vector favoured
+
+
+def test_cone_mode_reports_distribution_and_best_of_n(files):
+    res = run(files, "cone", "--n-samples", "3", dirs=("rco", "rdo"))["results"]
+    assert set(res) == {"rco", "rdo T=1"}
+    assert len(res["rco"]["asr"]) == 3 and res["rco"]["quartiles"][0] == min(res["rco"]["asr"])
+    assert list(res["rdo T=1"]["best_of_n"]) == ["1", "2", "3"]  # JSON keys
+    assert res["rco"]["best_of_n"]["3"] >= res["rco"]["best_of_n"]["1"]
+
+
+def test_cosine_mode_matches_a_hand_computation(files):
+    res = run(files, "cosine", "--suffix", "x y z")["results"]
+    model, tok = C.load_model(files["model"], dtype="float32")
+    u = C.load_direction(files["dim"], model)[0]
+    for key, prompts in (("clean", HARMFUL[:4]), ("with suffix", [p + " x y z" for p in HARMFUL[:4]])):
+        want = torch.zeros(4, dtype=torch.float64)
+        for p in prompts:  # one prompt at a time, hidden_states[l] = input of block l
+            hs = model(**C.tokenize(tok, [p]), output_hidden_states=True).hidden_states
+            want += torch.stack([torch.cosine_similarity(hs[l][0, -1].double(), u.double(), dim=0) for l in range(4)]) / 4
+        assert torch.allclose(torch.tensor(res[key]["dim"], dtype=torch.float64), want, atol=1e-5)
+    assert max(map(abs, res["dim ablated"]["dim"])) < 1e-5 and max(map(abs, res["dim ablated"]["rdo"])) > 1e-3
+
+
+def test_answer_ce_matches_one_prompt_at_a_time():
+    model, tok = make_model("qwen2")
+    answers = [[40, 41, 42], [50], [60, 61]]
+    r = torch.randn(32)
+    for ctx in (torch.no_grad, lambda: C.directional_ablation(model, r)):
+        got = E.answer_ce(model, tok, HARMLESS[:3], answers, ctx(), micro_batch=2)
+        with ctx(), torch.no_grad():
+            for p, a, g in zip(HARMLESS[:3], answers, got):
+                ids = torch.tensor([tok(C.format_chat(tok, [p])[0], add_special_tokens=False)["input_ids"] + a])
+                logits = model(input_ids=ids).logits[0, -len(a) - 1:-1]
+                assert g == pytest.approx(torch.nn.functional.cross_entropy(logits, torch.tensor(a)).item(), abs=1e-4)
+
+
+def test_kl_mode(files):
+    res = run(files, "kl")["results"]
+    assert res["baseline"]["ce_increase"] == 0.0 and res["baseline"]["kl"] == 0.0
+    assert all(res[k]["kl"] > 0 for k in ("dim", "rdo"))
+    assert res["dim"]["ce_increase"] == pytest.approx(res["dim"]["ce"] - res["baseline"]["ce"])
+
+
+def test_induce_alpha_zero_is_the_baseline(files):
+    res = run(files, "induce", "--alphas", "0", "5", "--benign", files["s"], dirs=("dim",))["results"]
+    zero, base = res["dim"][0], res["baseline"][0]
+    assert zero["refusal_score"] == pytest.approx(base["refusal_score"]) and zero["completions"] == base["completions"]
+    assert res["dim"][1]["refusal_score"] != pytest.approx(base["refusal_score"])
+    assert {"harmful_refusal_score", "benign_refusal_score"} <= set(zero)
+
+
+def test_compose_top1_equals_ablating_the_first_direction(files):
+    res = run(files, "compose", dirs=("repind", "first"))["results"]
+    assert [res[f"repind top-{k}"]["k"] for k in (1, 2, 3)] == [1, 2, 3]
+    assert res["repind top-1"]["completions"] == res["first"]["completions"]
+
+
+def tiny_model_dir(tmp_path, family, tied=False):
+    from transformers import AutoModelForCausalLM
+    tok = make_tokenizer()
+    cfg = make_config(family, len(tok))
+    cfg.tie_word_embeddings = tied
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    if family.startswith("gemma"):  # real post-norm weights, as in conftest.make_model
+        for n, p in model.named_parameters():
+            if "norm" in n:
+                p.data.normal_(0, 0.5)
+    d = tmp_path / f"{family}{'-tied' * tied}"
+    model.save_pretrained(d)
+    tok.save_pretrained(d)
+    return str(d)
+
+
+@pytest.mark.parametrize("family, tied", [("llama", False), ("qwen2", False), ("qwen2", True)])
+def test_export_logits_equal_hook_based_ablation(files, tmp_path, family, tied):
+    from transformers import AutoModelForCausalLM
+    files["model"] = tiny_model_dir(tmp_path, family, tied)
+    res = run(files, "export", "--export-dir", str(tmp_path / "export"))
+    assert res["exact"] and res["max_logit_diff"] < 1e-4
+    model, tok = C.load_model(files["model"], dtype="float32")
+    exported = AutoModelForCausalLM.from_pretrained(tmp_path / "export", dtype=torch.float32)
+    batch = C.tokenize(tok, HARMLESS[:4])
+    vecs = torch.stack([C.load_direction(files[k], model)[0] for k in ("dim", "rdo")])
+    with C.directional_ablation(model, vecs):
+        want = C.forward(model, batch).logits
+    torch.testing.assert_close(C.forward(exported, batch).logits, want, atol=1e-4, rtol=1e-4)  # every position
+    q = C.unit_basis(vecs)
+    assert (exported.get_input_embeddings().weight @ q.T).abs().max() < 1e-5
+    assert torch.equal(exported.get_output_embeddings().weight, model.get_output_embeddings().weight)  # untied, unchanged
+
+
+def test_export_gemma_is_approximate_and_says_so(files, tmp_path, capsys):
+    files["model"] = tiny_model_dir(tmp_path, "gemma2")
+    res = run(files, "export", "--export-dir", str(tmp_path / "export"), "--lm-eval", "mmlu")
+    out = capsys.readouterr().out
+    assert not res["exact"] and res["max_logit_diff"] > 1e-3 and "APPROXIMATE" in out
+    assert f"{res['max_logit_diff']:.3g}" in out
+    if E.importlib.util.find_spec("lm_eval") is None:
+        assert "lm-eval is not installed" in out and "skipped" in res["lm_eval"]
+
+
+def test_missing_optional_packages(monkeypatch, capsys, tmp_path):
+    monkeypatch.setattr(E.importlib.util, "find_spec", lambda name: None)
+    assert "not installed" in E.run_lm_eval("folder", "mmlu", "cpu")["skipped"]
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib now raises ImportError
+    assert E.plot(str(tmp_path / "x.png"), [("bar", {"a": 1}, {})]) is None and not (tmp_path / "x.png").exists()
+    assert E.load_judge(str(tmp_path / "no-judge"), "cpu", 4) is None
+    assert "matplotlib is not installed" in capsys.readouterr().out
+
+
+def test_plot_writes_a_png(tmp_path):
+    pytest.importorskip("matplotlib")
+    panels = [("bar", {"a": 0.5}, {}), ("box", {"c": [0.1, 0.5]}, {}), ("line", {"b": ([1, 2], [0.1, 0.2])}, {"ylim": (0, 1)})]
+    assert os.path.getsize(E.plot(str(tmp_path / "x.png"), panels)) > 1000
+
+
+@pytest.mark.parametrize("mode, dirs, message", [
+    ("cone", ("dim",), "at least one cone basis"),
+    ("asr", ("repind",), "use the cone or compose mode"),
+    ("induce", ("rco",), "use the cone or compose mode")])
+def test_errors_name_the_fix(files, mode, dirs, message):
+    with pytest.raises(C.RefusalError, match=message):
+        run(files, mode, dirs=dirs)
+
+
+def test_missing_layer_and_existing_result_are_refused(files, tmp_path):
+    files["nolayer"] = C.save_result(str(tmp_path / "nl"), "x", {"direction": torch.randn(32)}, {})
+    with pytest.raises(C.RefusalError, match="pass --layer"):
+        run(files, "asr", dirs=("nolayer",))
+    os.makedirs(files["out"], exist_ok=True)
+    open(os.path.join(files["out"], "eval_kl.json"), "w").write("{}")
+    with pytest.raises(C.RefusalError, match="--overwrite"):
+        run(files, "kl")
