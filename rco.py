@@ -172,7 +172,7 @@ def main(argv=None):
     if done and not (args.resume or args.overwrite):
         raise C.RefusalError(f"'{args.out}' already holds cones of dimension {done}: pass --overwrite, or --out elsewhere")
     S = rdo.setup(args, "rco")
-    model, device, d = S.model, S.device, C.hidden_size(S.model)
+    device, d = S.device, C.hidden_size(S.model)
     print(f"RCO at layer {S.layer}, alpha {S.alpha:.2f}, cones of dimension {args.min_dim}..{args.max_dim}, {S.n} training "
           f"pairs, {args.samples} samples per example")
 
