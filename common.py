@@ -319,9 +319,10 @@ def last_logits(model, tokenizer, instructions, batch_size=32, desc=None):
     Only the last position goes through the unembedding (logits_to_keep=1): the vocabulary is 150k-256k.
     Run inside an intervention context to score an intervened model.
     """
+    run = lambda idx, batch: dict(zip(idx, forward(model, batch, logits_to_keep=1).logits[:, -1].float().cpu()))
     out = {}
     for idx, batch in length_batches(model, tokenizer, instructions, batch_size, desc):
-        out.update(zip(idx, forward(model, batch, logits_to_keep=1).logits[:, -1].float().cpu()))
+        out.update(halve_on_oom(run, idx, batch))
     return torch.stack([out[j] for j in range(len(instructions))])
 
 
@@ -375,14 +376,31 @@ def generate_ids(model, tokenizer, instructions, max_new_tokens=64, batch_size=3
     """
     eos = model.generation_config.eos_token_id  # chat models often stop on several tokens (e.g. <|im_end|>)
     stop = {tokenizer.eos_token_id, *(eos if isinstance(eos, list) else [eos])} - {None}
-    out = {}
-    for idx, batch in length_batches(model, tokenizer, instructions, batch_size, desc):
+
+    def run(idx, batch):
         ids = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False, temperature=None, top_p=None,
                              top_k=None, pad_token_id=tokenizer.pad_token_id)[:, batch["input_ids"].shape[1]:]
-        for j, row in zip(idx, ids.tolist()):
-            end = next((k + 1 for k, t in enumerate(row) if t in stop), len(row))
-            out[j] = row[:end]
+        return {j: row[:next((k + 1 for k, t in enumerate(row) if t in stop), len(row))] for j, row in zip(idx, ids.tolist())}
+
+    out = {}
+    for idx, batch in length_batches(model, tokenizer, instructions, batch_size, desc):
+        out.update(halve_on_oom(run, idx, batch))
     return [out[j] for j in range(len(instructions))]
+
+
+def halve_on_oom(fn, idx, batch):
+    """fn(idx, batch) -> {index: result}; on out-of-memory, run each half of the batch instead (down to one row)."""
+    try:
+        return fn(idx, batch)
+    except torch.OutOfMemoryError:
+        if len(idx) == 1:
+            raise
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        h = len(idx) // 2
+        print(f"out of memory on a batch of {len(idx)}: halving it")
+        halves = [{k: v[:h] for k, v in batch.items()}, {k: v[h:] for k, v in batch.items()}]
+        return {**halve_on_oom(fn, idx[:h], halves[0]), **halve_on_oom(fn, idx[h:], halves[1])}
 
 
 def generate(model, tokenizer, instructions, max_new_tokens=64, batch_size=32, desc="generate"):

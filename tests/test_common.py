@@ -228,3 +228,25 @@ def test_layer_cosines_match_hidden_states_and_see_ablation(family):
     with C.directional_ablation(model, dirs[0]):  # the ablated direction has ~0 cosine at every block input
         ablated = C.layer_cosines(model, tok, prompts, dirs, batch_size=2)
     assert ablated[0].abs().max() < 1e-5 and ablated[1].abs().max() > 1e-3
+
+
+def test_out_of_memory_halves_the_batch_and_goes_on(monkeypatch):
+    model, tok = make_model("llama")
+    want = C.generate_ids(model, tok, HARMFUL[:5], max_new_tokens=3, batch_size=8)
+    want_logits = C.last_logits(model, tok, HARMFUL[:5], batch_size=8)
+    real_generate, real_forward, sizes = model.generate, model.forward, []
+
+    def small_only(real):
+        def f(*a, **k):
+            n = len((k.get("input_ids") if k.get("input_ids") is not None else a[0]))
+            sizes.append(n)
+            if n > 2:
+                raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+            return real(*a, **k)
+        return f
+
+    monkeypatch.setattr(model, "generate", small_only(real_generate))
+    assert C.generate_ids(model, tok, HARMFUL[:5], max_new_tokens=3, batch_size=8) == want
+    assert sizes == [5, 2, 3, 1, 2]  # 5 fails, its halves 2 and 3, then the 3 halves into 1 and 2
+    monkeypatch.setattr(model, "forward", small_only(real_forward))
+    torch.testing.assert_close(C.last_logits(model, tok, HARMFUL[:5], batch_size=8), want_logits, atol=1e-5, rtol=1e-5)
