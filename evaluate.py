@@ -24,7 +24,7 @@ Usage:
 Writes DIR/eval_<mode>.json (every number, the completions, flags, versions) and DIR/eval_<mode>.png with
 matplotlib; DIR = --out (default runs/<model-name>/eval). MODE --help lists a mode's flags.
 """
-import argparse, contextlib, importlib.util, os, subprocess, sys, time
+import argparse, contextlib, importlib.util, json, os, subprocess, sys, time
 
 import torch
 
@@ -125,8 +125,8 @@ def completions(model, tok, prompts, args, ctx=None, desc="generate"):
 def judged(texts, prompts=None, judge=None):
     """Refusal rate and ASR of completions by the substring judge (and the classifier judge when given)."""
     refused = [C.is_refusal(t) for t in texts]
-    r = {"refusal_rate": sum(refused) / max(len(refused), 1), "asr": 1 - sum(refused) / max(len(refused), 1),
-         "n": len(texts), "refused": refused, "completions": texts}
+    rate = sum(refused) / max(len(refused), 1)
+    r = {"refusal_rate": rate, "asr": 1 - rate, "n": len(texts), "refused": refused, "completions": texts}
     if judge is not None:
         harmful = judge(prompts, texts)
         r.update(asr_judge=sum(harmful) / max(len(harmful), 1), judge_harmful=harmful)
@@ -181,9 +181,8 @@ def load_judge(name, device, batch_size):
     or None, with a message, when it cannot be loaded (offline, not installed, gated)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     try:
-        path = os.path.expanduser(name)
-        jtok = AutoTokenizer.from_pretrained(path)
-        jmodel = AutoModelForCausalLM.from_pretrained(path, dtype=C.pick_dtype("auto", device)).to(device).eval()
+        jtok = AutoTokenizer.from_pretrained(os.path.expanduser(name))
+        jmodel = AutoModelForCausalLM.from_pretrained(os.path.expanduser(name), dtype=C.pick_dtype("auto", device)).to(device)
     except Exception as e:
         print(f"judge '{name}' could not be loaded ({type(e).__name__}): skipped; the substring judge stands alone")
         return None
@@ -205,15 +204,13 @@ def load_judge(name, device, batch_size):
 def mode_asr(model, tok, args, dirs, data):
     harm = data["harmful"]
     judge = load_judge(args.judge, C.input_device(model), args.batch_size) if args.judge else None
-    res = {"baseline": judged(completions(model, tok, harm, args, desc="baseline"), harm, judge)}
+    gen = lambda ctx, desc: judged(completions(model, tok, harm, args, ctx, desc), harm, judge)
+    res = {"baseline": gen(None, "baseline")}
     for d in dirs:
         u = unit(d, model)
-        res[f"{d['label']} ablation"] = judged(completions(model, tok, harm, args, C.directional_ablation(model, u),
-                                                           f"{d['label']} ablated"), harm, judge)
-        res[f"{d['label']} subtraction"] = judged(completions(
-            model, tok, harm, args, C.activation_addition(model, -d["alpha"] * u, d["layer"]), f"{d['label']} subtracted"), harm, judge)
+        res[f"{d['label']} ablation"] = gen(C.directional_ablation(model, u), f"{d['label']} ablated")
+        res[f"{d['label']} subtraction"] = gen(C.activation_addition(model, -d["alpha"] * u, d["layer"]), f"{d['label']} subtracted")
     rows = [{"intervention": k, "refusal": v["refusal_rate"], "ASR": v["asr"], "ASR (judge)": v.get("asr_judge")} for k, v in res.items()]
-
     panels = [("bar", {r["intervention"]: r["ASR"] for r in rows}, dict(ylabel="ASR (substring judge)", ylim=(0, 1)))]
     return {"results": res, "judge": args.judge if judge else None, "table": rows}, panels
 
@@ -240,7 +237,6 @@ def mode_induce(model, tok, args, dirs, data):
     rows = [{"direction": k, "alpha": r["alpha"], "refusal": r.get("refusal_rate"), "refusal score": r["refusal_score"],
              "harmful score": r.get("harmful_refusal_score"), "benign score": r.get("benign_refusal_score")}
             for k, rs in res.items() for r in rs]
-
     curve = lambda x, y: {k: ([r[x] for r in rs], [r.get(y) for r in rs]) for k, rs in list(res.items())[1:]}
     panels = [("line", curve("alpha", "refusal_score"), dict(xlabel="alpha", ylabel="mean refusal score, harmless"))]
     if args.max_new_tokens:
@@ -271,6 +267,8 @@ def mode_kl(model, tok, args, dirs, data):
     base = C.last_logits(model, tok, safe, args.batch_size)
     answers = C.generate_ids(model, tok, safe, args.max_new_tokens, args.batch_size, "own answers")
     keep = [i for i, a in enumerate(answers) if a]  # an empty answer has no tokens to score
+    if not keep:
+        raise C.RefusalError("kl: every greedy answer is empty: raise --max-new-tokens")
     p, a = [safe[i] for i in keep], [answers[i] for i in keep]
     ce_base = answer_ce(model, tok, p, a)
     res = {"baseline": {"kl": 0.0, "ce": sum(ce_base) / len(ce_base), "ce_per_prompt": ce_base}}
@@ -284,7 +282,6 @@ def mode_kl(model, tok, args, dirs, data):
         r["ce_increase"] = r["ce"] - res["baseline"]["ce"]
     rows = [{"ablated": k, "KL (last position)": v["kl"], "CE own answers": v["ce"], "CE increase": v["ce_increase"]}
             for k, v in res.items()]
-
     panels = [("bar", {k: v["kl"] for k, v in res.items()}, dict(ylabel="KL(P_base || P_ablated), last position")),
               ("bar", {k: v["ce"] for k, v in res.items()}, dict(ylabel="CE of the model's own greedy answers"))]
     return {"results": res, "answers": tok.batch_decode(answers, skip_special_tokens=True), "table": rows}, panels
@@ -293,10 +290,7 @@ def mode_kl(model, tok, args, dirs, data):
 # ----------------------------------------------------------------------------- cosine
 
 def read_suffix(s):
-    if s and s.endswith(".json") and os.path.isfile(s):
-        import json
-        return json.load(open(s))["suffix"]
-    return s
+    return json.load(open(s))["suffix"] if s and s.endswith(".json") and os.path.isfile(s) else s
 
 
 def mode_cosine(model, tok, args, dirs, data):
@@ -313,7 +307,6 @@ def mode_cosine(model, tok, args, dirs, data):
     rows = [{"condition": c, "cosine with": k, "mean over layers": sum(v) / len(v), "max": max(v),
              "at its layer": None if d["layer"] is None else v[d["layer"]]}
             for c, cs in res.items() for k, v, d in zip(cs, cs.values(), dirs)]
-
     panels = [("line", {c: (range(len(cs[k])), cs[k]) for c, cs in res.items()}, dict(
         title=f"cosine with {k}", xlabel="layer (block input, last token)")) for k in labels]
     return {"results": res, "suffix": suffix, "cos_between_directions": (vecs @ vecs.T).tolist(), "table": rows}, panels
@@ -377,10 +370,9 @@ def mode_cone(model, tok, args, dirs, data):
             res[key] = {"temperature": t, "asr": [r["asr"] for r in runs], "runs": runs,
                         "best_of_n": best_of_n([r["refused"] for r in runs], ns)}
             rows.append({"tries": key, **{f"best of {m}": v for m, v in res[key]["best_of_n"].items()}})
-
     panels = [("box", {d["label"]: res[d["label"]]["asr"] for d in cones}, dict(ylabel="ASR of sampled directions", ylim=(0, 1))),
               ("line", {k: (ns, list(r["best_of_n"].values())) for k, r in res.items()},
-               dict(xscale="log", xlabel="N tries", ylabel="best-of-N ASR", ylim=(0, 1)))]
+               dict(xscale="log", xticks=ns, xticklabels=ns, xlabel="N tries", ylabel="best-of-N ASR", ylim=(0, 1)))]
     return {"results": res, "table": rows}, panels
 
 
@@ -396,12 +388,11 @@ def mode_compose(model, tok, args, dirs, data):
             key = d["label"] if d["vec"].dim() == 1 else f"{d['label']} top-{k}"
             res[key] = {"k": k, **judged(completions(model, tok, harm, args, C.directional_ablation(model, vec), key))}
     rows = [{"ablated": key, "k": r["k"], "refusal": r["refusal_rate"], "ASR": r["asr"]} for key, r in res.items()]
-
     k_max = max(r["k"] for r in res.values())  # single directions and the baseline as flat lines
     series = {k: ([1, k_max], [r["asr"]] * 2) for k, r in res.items() if " top-" not in k}
     series.update({f"{d['label']} top-k": (range(1, len(d["vec"]) + 1), [res[f"{d['label']} top-{k}"]["asr"] for k in range(
         1, len(d["vec"]) + 1)]) for d in dirs if d["vec"].dim() == 2})
-    return {"results": res, "table": rows}, [("line", series, dict(xlabel="k directions ablated together", ylabel="ASR", ylim=(0, 1)))]
+    return {"results": res, "table": rows}, [("line", series, dict(xticks=range(1, k_max + 1), xlabel="k directions ablated together", ylabel="ASR", ylim=(0, 1)))]
 
 
 # ----------------------------------------------------------------------------- export

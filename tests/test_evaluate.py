@@ -82,7 +82,7 @@ def test_cone_mode_reports_distribution_and_best_of_n(files):
 
 def test_cosine_mode_matches_a_hand_computation(files):
     res = run(files, "cosine", "--suffix", "x y z")["results"]
-    model, tok = C.load_model(files["model"], dtype="float32")
+    model, tok = C.load_model(files["model"], device="cpu", dtype="float32")
     u = C.load_direction(files["dim"], model)[0]
     for key, prompts in (("clean", HARMFUL[:4]), ("with suffix", [p + " x y z" for p in HARMFUL[:4]])):
         want = torch.zeros(4, dtype=torch.float64)
@@ -150,7 +150,7 @@ def test_export_logits_equal_hook_based_ablation(files, tmp_path, family, tied):
     files["model"] = tiny_model_dir(tmp_path, family, tied)
     res = run(files, "export", "--export-dir", str(tmp_path / "export"))
     assert res["exact"] and res["max_logit_diff"] < 1e-4
-    model, tok = C.load_model(files["model"], dtype="float32")
+    model, tok = C.load_model(files["model"], device="cpu", dtype="float32")
     exported = AutoModelForCausalLM.from_pretrained(tmp_path / "export", dtype=torch.float32)
     batch = C.tokenize(tok, HARMLESS[:4])
     vecs = torch.stack([C.load_direction(files[k], model)[0] for k in ("dim", "rdo")])
