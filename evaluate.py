@@ -40,11 +40,15 @@ def parse_args(argv=None):
             act.default, act.help = "jailbreakbench", "named set or local file (default: jailbreakbench, 100 goals)"
         if act.dest == "n_val":
             act.help = "prompts per evaluation set: a named set's validation split, a local file's first N (default: 128)"
+        if act.dest in ("harmful_val", "harmless_val"):
+            act.help = "a file to evaluate on instead of --harmful / --harmless"
+        if act.dest == "n_train":
+            act.help = argparse.SUPPRESS  # nothing is trained here
     a = common.add_argument
     a("--direction", nargs="+", required=True, metavar="FILE", help="dim/rdo/rco/repind .safetensors results")
     a("--alpha", type=float, default=None, help="addition/subtraction strength (default: the sidecar's alpha, else the norm)")
     a("--layer", type=int, default=None, help="addition/subtraction layer (default: the sidecar's layer)")
-    a("--max-new-tokens", type=int, default=512, help="greedy tokens per completion (paper: 512)")
+    a("--max-new-tokens", type=int, default=512, help="greedy tokens per completion (default: 512, the paper's; induce with 0: refusal scores only)")
     p = argparse.ArgumentParser(description=__doc__, formatter_class=C.HelpFormatter)
     sub = p.add_subparsers(dest="mode", required=True, metavar="MODE")
 
