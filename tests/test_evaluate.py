@@ -173,7 +173,8 @@ def test_export_gemma_is_approximate_and_says_so(files, tmp_path, capsys):
 
 
 def test_missing_optional_packages(monkeypatch, capsys, tmp_path):
-    monkeypatch.setattr(E.importlib.util, "find_spec", lambda name: None)
+    find_spec = E.importlib.util.find_spec  # only lm_eval goes missing: transformers looks packages up too
+    monkeypatch.setattr(E.importlib.util, "find_spec", lambda name, *a: None if name == "lm_eval" else find_spec(name, *a))
     assert "not installed" in E.run_lm_eval("folder", "mmlu", "cpu")["skipped"]
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib now raises ImportError
     assert E.plot(str(tmp_path / "x.png"), [("bar", {"a": 1}, {})]) is None and not (tmp_path / "x.png").exists()
