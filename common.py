@@ -10,7 +10,7 @@ Only what two or more scripts use lives here:
   results     add_common_args, HelpFormatter, out_dir, model_dir, save_result, load_result, load_direction
 Every error a user can cause is raised as RefusalError; run(main) turns it into one line and exit code 2.
 """
-import argparse, contextlib, csv, datetime, hashlib, json, os, platform, random, subprocess, sys
+import argparse, contextlib, csv, datetime, hashlib, inspect, json, os, platform, random, subprocess, sys
 
 import torch
 import torch.nn.functional as F
@@ -191,6 +191,33 @@ def position_ids(attention_mask):
 def forward(model, batch, **kw):
     return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                  position_ids=position_ids(batch["attention_mask"]), use_cache=False, **kw)
+
+
+def cache_kwarg(model):
+    """The forward argument that takes a KV cache: `cache` from transformers 5.2x, `past_key_values` before."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def prefix_kv(model, ids):
+    """Per-layer (keys, values) of a token prefix ids (1, P), run under whatever hooks are active; differentiable."""
+    from transformers import DynamicCache
+    cache = DynamicCache(config=model.config)
+    model(input_ids=ids, position_ids=torch.arange(ids.shape[1], device=ids.device)[None], use_cache=True,
+          logits_to_keep=1, **{cache_kwarg(model): cache})
+    return [(layer.keys, layer.values) for layer in cache.layers]
+
+
+def forward_after(model, kv, batch, **kw):
+    """forward() for left-padded rows that all continue the prefix whose prefix_kv is kv: the prefix is computed
+    once, not once per row. A fresh cache per call (the model appends to it), holding views of kv."""
+    from transformers import DynamicCache
+    n, p = batch["input_ids"].shape[0], kv[0][0].shape[2]
+    cache = DynamicCache(config=model.config)
+    for l, (k, v) in enumerate(kv):
+        cache.update(k.expand(n, -1, -1, -1), v.expand(n, -1, -1, -1), l)
+    mask = batch["attention_mask"]
+    return model(input_ids=batch["input_ids"], attention_mask=torch.cat([mask.new_ones(n, p), mask], 1),
+                 position_ids=p + position_ids(mask), **{cache_kwarg(model): cache}, **kw)
 
 
 # ----------------------------------------------------------------------------- hooks
