@@ -244,7 +244,7 @@ def main(argv=None):
     print(f"RepInd at layer {layer}, alpha {alpha:.2f}, {S.n} training pairs, loss over block inputs 0..{n_layers - 1}, "
           f"{args.n_directions} direction(s) x {args.candidates} candidate(s)")
 
-    run_key = {**S.run_key, **{k: getattr(args, k) for k in ("lambda_ind", "layer_cutoff", "candidates", "max_steps")}}
+    run_key = {**S.run_key, **{k: getattr(args, k) for k in ("lambda_ind", "layer_cutoff", "candidates")}}
     ck = {"run": run_key, "found": [], "cands": [], "train": None}
     if args.resume:
         ck = torch.load(ckpt_path, weights_only=False)
