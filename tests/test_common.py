@@ -1,5 +1,5 @@
 """Chat formatting, scoring, the refusal judge, data loading and result files."""
-import json, math, os
+import json, math, os, sys, types
 
 import pytest
 import torch
@@ -195,7 +195,8 @@ def test_pick_dtype():
 def test_named_sets_follow_the_paper_recipe(monkeypatch):
     """SALAD-Bench: Multilingual and ToxicChat dropped, at most 256 per source, 128 held out; Alpaca: empty input
     only. The hub is replaced by a fake load_dataset (no network here)."""
-    import datasets
+    datasets = types.SimpleNamespace(load_dataset=None)  # a stand-in module: the test needs neither the hub nor the package
+    monkeypatch.setitem(sys.modules, "datasets", datasets)
     rows = {"OpenSafetyLab/Salad-Data": [{"question": f"{s} q{i}", "source": s} for s, n in
                                          (("GPTFuzzer", 300), ("HH-harmless", 100), ("Multilingual", 50),
                                           ("ToxicChat", 50), ("Advbench", 400)) for i in range(n)],
