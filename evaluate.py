@@ -35,15 +35,13 @@ import rdo
 def parse_args(argv=None):
     common = argparse.ArgumentParser(add_help=False)
     C.add_common_args(common, "eval", n_val=128)
-    for act in common._actions:  # the evaluation meaning of two common flags
-        if act.dest == "harmful":
-            act.default, act.help = "jailbreakbench", "named set or local file (default: jailbreakbench, 100 goals)"
-        if act.dest == "n_val":
-            act.help = "prompts per evaluation set: a named set's validation split, a local file's first N (default: 128)"
-        if act.dest in ("harmful_val", "harmless_val"):
-            act.help = "a file to evaluate on instead of --harmful / --harmless"
-        if act.dest == "n_train":
-            act.help = argparse.SUPPRESS  # nothing is trained here
+    helps = {"harmful": "named set or local file (default: jailbreakbench, 100 goals)",  # their evaluation meaning
+             "n_val": "prompts per evaluation set: a named set's validation split, a local file's first N (default: 128)",
+             "harmful_val": "a file to evaluate on instead of --harmful", "harmless_val": "a file to evaluate on instead of --harmless",
+             "n_train": argparse.SUPPRESS}  # nothing is trained here
+    for act in common._actions:
+        act.help = helps.get(act.dest, act.help)
+    common.set_defaults(harmful="jailbreakbench")
     a = common.add_argument
     a("--direction", nargs="+", required=True, metavar="FILE", help="dim/rdo/rco/repind .safetensors results")
     a("--alpha", type=float, default=None, help="addition/subtraction strength (default: the sidecar's alpha, else the norm)")
