@@ -148,8 +148,9 @@ def repind_loss_and_grad(model, tok, r, prompts, ids, acts, others, n_layers, we
 
 # ----------------------------------------------------------------------------- one candidate (Algorithm 1 + L_RepInd)
 
-def train_candidate(S, args, seed, acts, others, resume, save):
-    """Train r from a random start (S: rdo.setup's namespace); returns the training state (history, iterates)."""
+def train_candidate(S, args, seed, activations, others, resume, save):
+    """Train r from a random start (S: rdo.setup's namespace); returns the training state (history, iterates).
+    activations() gives the cached clean and v-ablated block inputs (computed on first use)."""
     model, tok, n, device, total = S.model, S.tok, S.n, S.device, S.total
     n_layers = n_loss_layers(model, args.layer_cutoff)
     g = torch.Generator().manual_seed(seed)
@@ -164,11 +165,13 @@ def train_candidate(S, args, seed, acts, others, resume, save):
         opt.load_state_dict(resume["opt"])
         state, order = resume["state"], resume["order"]
 
+    acts = None
     bar = tqdm(total=total, initial=state["step"], desc=f"repind seed {seed}")
     while state["step"] < total and not state["done"]:
         s = state["step"]
         idx = order[s * args.effective_batch:(s + 1) * args.effective_batch].tolist()
         opt.zero_grad()
+        acts = acts or activations()
         sums = rdo.loss_and_grad(model, tok, r, rdo.training_batch(S, idx), S.alpha, S.layer, S.lambdas,
                                  S.micro_batch)  # the three RDO losses ...
         sums["ind"] = repind_loss_and_grad(model, tok, r, [S.harm[i] for i in idx], idx, acts, others, n_layers,
@@ -253,21 +256,26 @@ def main(argv=None):
         print(f"resumed at direction {len(ck['found']) + 1}, candidate {len(ck['cands']) + 1} from {ckpt_path}")
     save = lambda: C.atomic_write(ckpt_path, lambda tmp: torch.save(ck, tmp))  # Ctrl-C loses at most one step
 
-    # the clean and each v-ablated pass do not depend on r: once per run (and per new direction v)
-    clean = cache_inputs(model, tok, harm, n_layers, args.batch_size, desc="clean activations")
-    by_v = [cache_inputs(model, tok, harm, n_layers, args.batch_size, v.to(device), desc=f"ablated v{j}")
-            for j, v in enumerate([dim_vec] + [f["direction"] for f in ck["found"]])]
+    # the clean and each v-ablated pass do not depend on r: once per run and v, when a step first needs them
+    cached = []
+
+    def activations(others):
+        while len(cached) < 1 + len(others):
+            v = None if not cached else others[len(cached) - 1]
+            cached.append(cache_inputs(model, tok, harm, n_layers, args.batch_size, v,
+                                       desc="clean activations" if v is None else f"ablated v{len(cached) - 1}"))
+        return cached[0], torch.stack(cached[1:1 + len(others)])
+
     while len(ck["found"]) < args.n_directions:
         k = len(ck["found"])
         others = torch.stack([dim_vec.float().cpu()] + [f["direction"] for f in ck["found"]]).to(device)
-        acts = (clean, torch.stack(by_v))
         while len(ck["cands"]) < args.candidates:
             seed = args.seed + k * args.candidates + len(ck["cands"])  # a different seed for every candidate
 
             def save_step(train):
                 ck["train"] = train
                 save()
-            state = train_candidate(S, args, seed, acts, others, ck["train"], save_step)
+            state = train_candidate(S, args, seed, lambda: activations(others), others, ck["train"], save_step)
             last = list(range(len(state["iterates"])))[-args.select_last:]
             chosen, scored = rdo.select_iterate(model, tok, [state["iterates"][i].to(device) for i in last], last,
                                                 alpha, layer, harm_val, safe_val, args)
@@ -282,9 +290,6 @@ def main(argv=None):
         ck["cands"] = []
         save()
         print(f"direction {k + 1}: kept seed {best['seed']} (validation refusal score {best['scores']['bypass']:.3f})")
-        if len(ck["found"]) < args.n_directions:
-            by_v.append(cache_inputs(model, tok, harm, n_layers, args.batch_size, ck["found"][-1]["direction"].to(device),
-                                     desc=f"ablated v{k + 1}"))
 
     directions = torch.stack([f["direction"] for f in ck["found"]])
     ids = C.refusal_token_ids(tok)

@@ -122,9 +122,9 @@ def test_iteration_keeps_earlier_directions_fixed(setup, monkeypatch):
     base, tmp, dim_file, perp = setup
     real, seen = repind.train_candidate, []
 
-    def spy(S, args, seed, acts, others, *a, **k):
-        seen.append((seed, others.clone(), acts[1].shape[0]))
-        return real(S, args, seed, acts, others, *a, **k)
+    def spy(S, args, seed, activations, others, *a, **k):
+        seen.append((seed, others.clone(), activations()[1].shape[0]))
+        return real(S, args, seed, activations, others, *a, **k)
 
     monkeypatch.setattr(repind, "train_candidate", spy)
     repind.main(base + ["--out", str(tmp / "run"), "--compare", perp])
