@@ -23,9 +23,11 @@ Usage:
   python gcg_repind.py ... --resume                                           # after Ctrl-C or a crash
 Writes DIR/gcg.json: per prompt the suffix (text and ids), per-step losses (total, CE and cosine parts), the
 greedy completion with the suffix, and the per-layer cosine with the direction before and after (Figure 9).
+--batch-size is the number of candidates per forward pass (default: the search width on a GPU, 32 on a CPU,
+where 128 candidates of a 0.5B model already take 6 GB); it halves on CUDA out-of-memory.
 --harmless, --n-train, --n-val and --harmless-val are not used here.
 """
-import argparse, copy, math, os, re, time
+import argparse, copy, inspect, math, os, re, time
 
 import torch
 import torch.nn.functional as F
@@ -36,7 +38,7 @@ import common as C
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=C.HelpFormatter)
-    C.add_common_args(p, "gcg", batch_size=512)
+    C.add_common_args(p, "gcg", batch_size=None)  # candidates per pass; None: see the docstring
     a = p.add_argument
     a("--prompt", default=None, help="one instruction to attack (default: the first --n of --harmful's validation split)")
     a("--n", type=int, default=1, help="prompts taken from --harmful, one suffix each")
@@ -117,8 +119,13 @@ def make_context(model, before, after, target, use_cache=True):
     if use_cache:
         from transformers import DynamicCache
         ctx["cache"] = DynamicCache(config=model.config)
-        model(input_ids=ctx["before"][None], cache=ctx["cache"], use_cache=True, logits_to_keep=1)
+        model(input_ids=ctx["before"][None], use_cache=True, logits_to_keep=1, **{cache_kwarg(model): ctx["cache"]})
     return ctx
+
+
+def cache_kwarg(model):
+    """transformers 5.24 renamed the forward's `past_key_values` to `cache` (the old name warns until 5.40)."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
 def batch_cache(cache, n):
@@ -156,8 +163,8 @@ def suffix_losses(model, ctx, suffix, unit=None):
                                     for b in C.decoder_layers(model)]
     cache = None if ctx["cache"] is None else batch_cache(ctx["cache"], B)
     with C._hooks(regs):
-        logits = model(inputs_embeds=x, position_ids=pos, cache=cache, use_cache=cache is not None,
-                       logits_to_keep=T).logits
+        logits = model(inputs_embeds=x, position_ids=pos, use_cache=cache is not None, logits_to_keep=T,
+                       **{cache_kwarg(model): cache}).logits
     target = ctx["target"][None].expand(B, -1)
     up = lambda t: t.double() if t.dtype == torch.float64 else t.float()  # bf16 -> fp32; fp64 stays (tests)
     ce = F.cross_entropy(up(logits).transpose(1, 2), target, reduction="none").mean(1)
@@ -312,7 +319,7 @@ def main(argv=None):
     C.seed_everything(args.seed)
     if args.repind_weight and not args.direction:
         raise C.RefusalError("--repind-weight needs --direction FILE; pass --repind-weight 0 for plain GCG")
-    if min(args.suffix_len, args.search_width, args.topk, args.steps, args.batch_size, args.n) < 1:
+    if min(args.suffix_len, args.search_width, args.topk, args.steps, args.batch_size or 1, args.n) < 1:
         raise C.RefusalError("--suffix-len, --search-width, --topk, --steps, --batch-size and --n must be positive")
     out = args.out or C.model_dir(args.model, "gcg")
     path, ckpt_path = os.path.join(out, "gcg.json"), os.path.join(out, "gcg_checkpoint.pt")
@@ -336,6 +343,7 @@ def main(argv=None):
         if not 0 <= args.direction_index < len(vec):
             raise C.RefusalError(f"--direction-index {args.direction_index}: '{args.direction}' holds {len(vec)} directions")
         unit = F.normalize(vec[args.direction_index].float(), dim=0).to(C.input_device(model))
+    batch_size = args.batch_size or (args.search_width if C.input_device(model).type == "cuda" else 32)
     forbidden = forbidden_ids(tok, model.get_input_embeddings().weight.shape[0], args.allow_non_ascii, args.allow_special)
     suffix0 = init_suffix(tok, args.suffix_len, args.init)
     run_key = {k: getattr(args, k) for k in ("model", "prompt", "harmful", "n", "target", "direction", "direction_index",
@@ -355,7 +363,7 @@ def main(argv=None):
     for i in range(len(ck["results"]), len(prompts)):
         target = args.target or default_target(prompts[i])
         if ck["state"] is None or ck["state"]["index"] != i:
-            ck["state"] = fresh_state(i, suffix0, args.seed, args.batch_size)
+            ck["state"] = fresh_state(i, suffix0, args.seed, batch_size)
         rec = attack(model, tok, prompts[i], target, unit, args, forbidden, ck["state"], save)
         ck["results"].append(rec)
         ck["state"] = None
