@@ -194,7 +194,7 @@ def main(argv=None):
         B = gram_schmidt(fresh if ck["prev"] is None else torch.cat([ck["prev"], fresh])).to(device).requires_grad_(True)
         opt = torch.optim.AdamW([B], lr=args.lr, betas=tuple(args.betas), weight_decay=0.0)
         order = torch.cat([torch.randperm(S.n, generator=g) for _ in range(args.epochs)])
-        state = {"step": 0, "plateau": {"best": math.inf, "bad": 0, "drops": 0}, "history": [], "iterates": [], "done": False}
+        state = rdo.new_state()
         if ck.get("state") is not None and ck["k"] == k:  # resuming inside this k
             with torch.no_grad():
                 B.copy_(ck["B"].to(device))
@@ -211,17 +211,10 @@ def main(argv=None):
                 raise C.RefusalError(f"loss is {sums['loss']} at k = {k}, step {s}: stopped; the last good state is in "
                                      f"{S.ckpt_path} (lower --lr, or use --dtype float32)")
             with torch.no_grad():
-                B.grad = torch.stack([rdo.tangent(gr, b) for gr, b in zip(B.grad, B)])
+                B.grad = rdo.tangent(B.grad, B)  # row by row
                 opt.step()  # line 7
                 B.copy_(gram_schmidt(B))  # line 8: back to an orthonormal basis
-            action = rdo.plateau_step(state["plateau"], sums["loss"], args.patience, args.lr_drops)
-            if action == "drop":
-                for group in opt.param_groups:
-                    group["lr"] /= 10
-            state["done"] = action == "stop"
-            state["history"].append({"step": s, "lr": opt.param_groups[0]["lr"], **sums})
-            state["iterates"].append(B.detach().cpu().clone())
-            state["step"] = s + 1
+            rdo.record_step(opt, state, sums, B, args)
             ck = {"k": k, "prev": ck["prev"], "B": B.detach().cpu(), "opt": opt.state_dict(), "state": state, "order": order,
                   "rng": g.get_state(), "run": S.run_key}
             C.atomic_write(S.ckpt_path, lambda tmp: torch.save(ck, tmp))  # Ctrl-C now loses at most this step

@@ -247,8 +247,9 @@ def loss_and_grad(model, tok, r, batch, alpha, layer, lambdas, micro_batch):
 # ----------------------------------------------------------------------------- optimisation
 
 def tangent(grad, r):
-    """The gradient's component tangent to the unit sphere at r: moving along it keeps |r| to first order."""
-    return grad - (grad @ r) * r
+    """The gradient's component tangent to the unit sphere at r (row by row for a basis): moving along it keeps
+    |r| to first order."""
+    return grad - (grad * r).sum(-1, keepdim=True) * r
 
 
 def project_out(r, basis):
@@ -272,6 +273,22 @@ def plateau_step(state, loss, patience, max_drops):
         return "stop"
     state["drops"] += 1
     return "drop"
+
+
+def record_step(opt, state, sums, r, args):
+    """After an optimizer step: the plateau schedule (lr / 10, or stop), the loss history and the iterate."""
+    action = plateau_step(state["plateau"], sums["loss"], args.patience, args.lr_drops)
+    if action == "drop":
+        for group in opt.param_groups:
+            group["lr"] /= 10
+    state["done"] = action == "stop"
+    state["history"].append({"step": state["step"], "lr": opt.param_groups[0]["lr"], **sums})
+    state["iterates"].append(r.detach().cpu().clone())
+    state["step"] += 1
+
+
+def new_state():
+    return {"step": 0, "plateau": {"best": math.inf, "bad": 0, "drops": 0}, "history": [], "iterates": [], "done": False}
 
 
 def select_iterate(model, tok, iterates, steps, alpha, layer, harm_val, safe_val, args):
@@ -353,7 +370,7 @@ def main(argv=None):
     r = (r / r.norm()).requires_grad_(True)
     opt = torch.optim.AdamW([r], lr=args.lr, betas=tuple(args.betas), weight_decay=0.0)
     order = torch.cat([torch.randperm(n, generator=g) for _ in range(args.epochs)])
-    state = {"step": 0, "plateau": {"best": math.inf, "bad": 0, "drops": 0}, "history": [], "iterates": [], "done": False}
+    state = new_state()
     if args.resume:
         ck = torch.load(ckpt_path, weights_only=False)
         if ck["run"] != run_key:
@@ -378,14 +395,7 @@ def main(argv=None):
             opt.step()
             r.copy_(project_out(r, basis))
             r /= r.norm()  # line 6: ... and back onto it
-        action = plateau_step(state["plateau"], sums["loss"], args.patience, args.lr_drops)
-        if action == "drop":
-            for group in opt.param_groups:
-                group["lr"] /= 10
-        state["done"] = action == "stop"
-        state["history"].append({"step": s, "lr": opt.param_groups[0]["lr"], **sums})
-        state["iterates"].append(r.detach().cpu().clone())
-        state["step"] = s + 1
+        record_step(opt, state, sums, r, args)
         ck = {"r": r.detach().cpu(), "opt": opt.state_dict(), "state": state, "order": order, "run": run_key}
         C.atomic_write(ckpt_path, lambda tmp: torch.save(ck, tmp))  # Ctrl-C now loses at most this step
         bar.update(1)
