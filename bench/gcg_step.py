@@ -2,6 +2,8 @@
 
   cached    the chat template before the suffix runs once (DynamicCache); every pass runs suffix + rest + target
   uncached  --no-cache: every pass runs the whole sequence
+  nanogcg   nanoGCG 0.3.0 (PyPI) at the same settings, plain GCG (no RepInd term); best in its own venv with the
+            transformers it pins (4.47.1), where its prefix cache works: --nanogcg-python VENV/bin/python
 One step = gradient pass + search-width candidates (top-k per position) + retokenization filter + all candidates'
 losses, with the RepInd term on (DIM direction, weight 1). Each variant runs in its own process (so that peak
 memory is its own): load, one warm-up step, one timed step. Peak memory = the process's peak RSS (VmHWM, reset
@@ -11,6 +13,7 @@ differently for different shapes).
 
   python bench/gcg_step.py [--dtypes bfloat16 float32] [--search-width 128] [--topk 64] [--batch-size 128]
   python bench/gcg_step.py --random-weights CONFIG_DIR --device cuda    # speed only: Qwen's shape, random weights
+  python bench/gcg_step.py --repind-weight 0 --variants uncached cached nanogcg --nanogcg-python VENV/bin/python
 """
 import argparse, json, os, subprocess, sys, time
 from types import SimpleNamespace
@@ -31,6 +34,11 @@ def rss_mb():
 
 
 def load(args, dtype):
+    import transformers
+    if not args.random_weights and transformers.__version__ < "5":  # nanoGCG's own environment (transformers 4.47.1)
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+        model = AutoModelForCausalLM.from_pretrained(MODEL, torch_dtype=C.pick_dtype(dtype, args.device))
+        return model.to(C.pick_device(args.device)).eval().requires_grad_(False), AutoTokenizer.from_pretrained(MODEL)
     if not args.random_weights:
         return C.load_model(MODEL, args.device, dtype)
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
@@ -93,7 +101,7 @@ def child(variant, dtype, args):
 def nanogcg_child(model, tok, dtype, args):
     """nanoGCG (PyPI nanogcg 0.3.0, on PYTHONPATH) at the same settings: seconds per step from a run of 1 step and
     one of 1 + 2 * repeats steps (the difference leaves out its setup). Plain GCG: it has no RepInd term."""
-    import nanogcg
+    import nanogcg, transformers
     dev = C.input_device(model)
     out = {}
     for cache in (True, False):  # its prefix cache expects the old tuple cache format: may fail on transformers 5
@@ -113,7 +121,8 @@ def nanogcg_child(model, tok, dtype, args):
             peak = torch.cuda.max_memory_allocated() / 2**20 if dev.type == "cuda" else float("nan")
             out[cache] = {"variant": f"nanogcg{'' if cache else '-nocache'}", "dtype": dtype, "device": str(dev),
                           "seconds": (runs[1][0] - runs[0][0]) / (2 * args.repeats), "peak_mb": peak,
-                          "loss_now": float("nan"), "best_loss": runs[1][1][0], "fixed": [], "losses": runs[1][1]}
+                          "loss_now": float("nan"), "best_loss": runs[1][1][0], "fixed": [], "losses": runs[1][1],
+                          "transformers": transformers.__version__}
         except Exception as e:
             out[cache] = {"variant": f"nanogcg{'' if cache else '-nocache'}", "error": f"{type(e).__name__}: {e}"[:300]}
         print(json.dumps(out[cache]), flush=True)
@@ -126,6 +135,8 @@ def main():
     p.add_argument("--topk", type=int, default=64)
     p.add_argument("--suffix-len", type=int, default=20)
     p.add_argument("--batch-size", type=int, default=128, help="candidates per forward pass")
+    p.add_argument("--nanogcg-python", default=None, help="python of a venv with nanogcg and transformers 4.47.1 "
+                                                          "(default: this one, with nanogcg on PYTHONPATH)")
     p.add_argument("--repeats", type=int, default=1, help="timed steps after the warm-up (the median is reported)")
     p.add_argument("--repind-weight", type=float, default=1.0, help="0: plain GCG (no direction, no hooks)")
     p.add_argument("--n-fixed", type=int, default=64, help="fixed random candidates whose losses both variants compute")
@@ -145,7 +156,8 @@ def main():
     rows = []
     for dtype in args.dtypes:
         for variant in args.variants:
-            res = subprocess.run([sys.executable, __file__, *flags, "--child", variant, dtype], capture_output=True, text=True)
+            exe = args.nanogcg_python if variant == "nanogcg" and args.nanogcg_python else sys.executable
+            res = subprocess.run([exe, __file__, *flags, "--child", variant, dtype], capture_output=True, text=True)
             lines = [json.loads(l) for l in res.stdout.splitlines() if l.startswith("{")]
             if not lines:
                 sys.exit(f"{variant} {dtype} failed:\n{res.stderr[-3000:]}")
