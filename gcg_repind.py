@@ -138,7 +138,7 @@ def batch_cache(cache, n):
 
 def suffix_losses(model, ctx, suffix, unit=None):
     """CE of the target (B,), per-layer cosine with `unit` at the last prompt token (B, layers) or None, and
-    whether the target is the greedy output (B,), for a batch of suffixes: (B, L) token ids, or (B, L, d) input
+    for a single suffix whether the target is the greedy output ((1,), else None), for a batch of suffixes: (B, L) token ids, or (B, L, d) input
     embeddings (the gradient pass). Differentiable w.r.t. embeddings.
 
     The sequence after the cached prefix is [suffix, rest of the template, target without its last token]; its
