@@ -205,3 +205,15 @@ def test_missing_layer_and_existing_result_are_refused(files, tmp_path):
     open(os.path.join(files["out"], "eval_kl.json"), "w").write("{}")
     with pytest.raises(C.RefusalError, match="--overwrite"):
         run(files, "kl")
+
+
+def test_judge_reads_yes_against_no_at_the_last_position(tiny_dir, monkeypatch):
+    monkeypatch.setattr(C, "pick_dtype", lambda *a: torch.float32)  # compare in fp32, not bf16
+    judge = E.load_judge(tiny_dir, "cpu", batch_size=2)
+    prompts, texts = HARMFUL[:3], ["Sure, step 1", "I'm sorry", "Here is how"]
+    got = judge(prompts, texts)  # batched, left-padded
+    jmodel, jtok = make_model("llama")  # tiny_dir's weights: same seed
+    yes, no = (jtok(w, add_special_tokens=False)["input_ids"][0] for w in ("Yes", "No"))
+    for p, t, g in zip(prompts, texts, got):
+        logits = jmodel(**jtok(E.JUDGE_PROMPT.format(behavior=p, generation=t), return_tensors="pt")).logits[0, -1]
+        assert g == bool(logits[yes] > logits[no])
