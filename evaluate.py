@@ -350,16 +350,17 @@ def mode_cone(model, tok, args, dirs, data):
     if not cones:
         raise C.RefusalError("cone: give at least one cone basis (rco.safetensors, tensor `basis` (k, d))")
     res, rows = {}, []
+
+    def add(key, name, runs, **extra):
+        res[key] = {**extra, "asr": [r["asr"] for r in runs], "runs": runs, "best_of_n": best_of_n([r["refused"] for r in runs], ns)}
+        rows.append({"tries": name, **{f"best of {m}": v for m, v in res[key]["best_of_n"].items()}})
     for d in cones:
         s, samples = cone_samples(d["vec"], n, args.seed)
         runs = [judged(completions(model, tok, harm, args, C.directional_ablation(model, r), f"{d['label']} sample {i}"))
                 for i, r in enumerate(samples)]
-        asr = torch.tensor([r["asr"] for r in runs])
-        q = torch.quantile(asr, torch.tensor([0.0, 0.25, 0.5, 0.75, 1.0])).tolist()
-        res[d["label"]] = {"k": d["vec"].shape[0], "coefficients": s.tolist(), "asr": asr.tolist(), "runs": runs,
-                           "quartiles": q, "best_of_n": best_of_n([r["refused"] for r in runs], ns)}
-        rows.append({"tries": f"{d['label']} cone (k={d['vec'].shape[0]})", "min": q[0], "median": q[2], "max": q[4],
-                     **{f"best of {m}": v for m, v in res[d["label"]]["best_of_n"].items()}})
+        q = torch.quantile(torch.tensor([r["asr"] for r in runs]), torch.tensor([0.0, 0.25, 0.5, 0.75, 1.0])).tolist()
+        add(d["label"], f"{d['label']} cone (k={len(d['vec'])})", runs, k=len(d["vec"]), coefficients=s.tolist(), quartiles=q)
+        rows[-1].update(min=q[0], median=q[2], max=q[4])
     for d in singles:
         u = unit(d)
         for t in args.temperatures:
@@ -368,10 +369,7 @@ def mode_cone(model, tok, args, dirs, data):
                 for i in range(n):
                     torch.manual_seed(args.seed + i)
                     runs.append(judged(sample(model, tok, harm, t, args.max_new_tokens, args.batch_size)))
-            key = f"{d['label']} T={t:g}"
-            res[key] = {"temperature": t, "asr": [r["asr"] for r in runs], "runs": runs,
-                        "best_of_n": best_of_n([r["refused"] for r in runs], ns)}
-            rows.append({"tries": key, **{f"best of {m}": v for m, v in res[key]["best_of_n"].items()}})
+            add(f"{d['label']} T={t:g}", f"{d['label']} T={t:g}", runs, temperature=t)
     panels = [("box", {d["label"]: res[d["label"]]["asr"] for d in cones}, dict(ylabel="ASR of sampled directions", ylim=(0, 1))),
               ("line", {k: (ns, list(r["best_of_n"].values())) for k, r in res.items()},
                dict(xscale="log", xticks=ns, xticklabels=ns, xlabel="N tries", ylabel="best-of-N ASR", ylim=(0, 1)))]
@@ -399,15 +397,6 @@ def mode_compose(model, tok, args, dirs, data):
 
 # ----------------------------------------------------------------------------- export
 
-def residual_projections(block):
-    """The linear maps whose outputs are written to the residual stream (for Gemma 2/3 a post-norm follows)."""
-    ms = [getattr(block.self_attn, "o_proj", None), getattr(block.mlp, "down_proj", None)]
-    if None in ms:
-        raise C.RefusalError(f"export: {type(block).__name__} has no self_attn.o_proj / mlp.down_proj; "
-                             "weight orthogonalisation supports Llama, Qwen, Mistral and Gemma-style blocks")
-    return ms
-
-
 @torch.no_grad()
 def orthogonalise(model, directions):
     """W <- W - Q^T Q W on every matrix that writes to the residual stream (embedding rows, attention output and
@@ -426,7 +415,10 @@ def orthogonalise(model, directions):
         w.copy_((w32 - (w32 @ qq.T) @ qq) if rows else (w32 - qq.T @ (qq @ w32)))
     remove(emb.weight, rows=True)
     for block in C.decoder_layers(model):
-        for m in residual_projections(block):
+        for m in (getattr(block.self_attn, "o_proj", None), getattr(block.mlp, "down_proj", None)):  # (Gemma: a post-norm follows)
+            if m is None:
+                raise C.RefusalError(f"export: {type(block).__name__} has no self_attn.o_proj / mlp.down_proj; weight "
+                                     "orthogonalisation supports Llama, Qwen, Mistral and Gemma-style blocks")
             remove(m.weight, rows=False)
             if m.bias is not None:
                 remove(m.bias.unsqueeze(1), rows=False)
