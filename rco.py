@@ -38,6 +38,8 @@ def parse_args(argv=None):
     a("--samples", type=int, default=16, help="cone samples per training example and step (paper: 16)")
     a("--eval-samples", type=int, default=256, help="sampled directions scored for the sidecar and plot (paper: 256)")
     a("--select-samples", type=int, default=8, help="selection fallback: samples per candidate basis")
+    a("--init", default=None, metavar="FILE", help="start the first cone from these directions (e.g. rdo.safetensors) "
+                                                   "plus random vectors, instead of from random vectors only")
     return p.parse_args(argv)
 
 
@@ -176,7 +178,12 @@ def main(argv=None):
     print(f"RCO at layer {S.layer}, alpha {S.alpha:.2f}, cones of dimension {args.min_dim}..{args.max_dim}, {S.n} training "
           f"pairs, {args.samples} samples per example")
 
-    ck = {"k": args.min_dim, "prev": None}
+    init = None
+    if args.init:  # e.g. an RDO direction: the 1-cone that Algorithm 2 would otherwise have to find again
+        init = C.unit_basis(C.load_direction(args.init, S.model)[0].reshape(-1, d)).cpu()
+        if len(init) > args.min_dim:
+            raise C.RefusalError(f"--init holds {len(init)} directions, more than --min-dim {args.min_dim}")
+    ck = {"k": args.min_dim, "prev": init}
     if args.resume:
         ck = torch.load(S.ckpt_path, weights_only=False)
         if ck["run"] != S.run_key:
@@ -188,9 +195,9 @@ def main(argv=None):
         if k < ck["k"]:  # finished before the interruption
             results[k] = C.load_result(os.path.join(folder, "rco.safetensors"))[1]["evaluation"]
             continue
-        # Algorithm 2, line 1: initialise B randomly; a k-cone grows from the chosen (k-1)-cone
+        # Algorithm 2, line 1: initialise B randomly; a k-cone grows from the chosen (k-1)-cone (or from --init)
         g = torch.Generator().manual_seed(args.seed + k)
-        fresh = torch.randn(k if ck["prev"] is None else 1, d, generator=g)
+        fresh = torch.randn(k - (0 if ck["prev"] is None else len(ck["prev"])), d, generator=g)
         B = gram_schmidt(fresh if ck["prev"] is None else torch.cat([ck["prev"], fresh])).to(device).requires_grad_(True)
         opt = torch.optim.AdamW([B], lr=args.lr, betas=tuple(args.betas), weight_decay=0.0)
         order = torch.cat([torch.randperm(S.n, generator=g) for _ in range(args.epochs)])

@@ -1,12 +1,13 @@
 """Real-model check of rco.py (not part of CI): do the directions sampled from a refusal cone mediate refusal?
 
 Trains cones of dimension 2 and 3 on Qwen2.5-Coder-0.5B-Instruct at the DIM layer with a reduced budget
-(default: 8 optimizer steps of 8 pairs, 2 cone samples per pair, selection over the last 3 iterates), then
+(default: the 2-cone starts from bench/rdo_qwen.py's RDO direction plus a random vector, 6 optimizer steps of 8
+pairs per cone, 2 cone samples per pair, selection over the last 3 iterates), then
 samples --n-dirs directions from each cone (fixed seed) and, for each, generates on held-out prompts
 (--max-new-tokens, substring judge):
   harmful refusal rate with the direction ablated       (median and worst sample; should sit well below baseline)
   harmless refusal rate with alpha * r_hat added         (median and worst sample)
-beside the DIM direction and the unmodified model. Needs bench/dim_qwen.py's result first.
+beside the DIM direction and the unmodified model. Needs bench/dim_qwen.py's and bench/rdo_qwen.py's results first.
 
   python bench/rco_qwen.py [--max-steps 8] [--n-dirs 64] [--reuse]
 """
@@ -23,7 +24,8 @@ from evalkit import DATA, QWEN, held_out  # noqa: E402
 p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
 p.add_argument("--dim", default="runs/bench/dim_qwen/selected/dim.safetensors")
 p.add_argument("--out", default="runs/bench/rco_qwen")
-p.add_argument("--max-steps", type=int, default=8)
+p.add_argument("--init", default="runs/bench/rdo_qwen/rdo.safetensors", help="'' to start from random vectors")
+p.add_argument("--max-steps", type=int, default=6)
 p.add_argument("--effective-batch", type=int, default=8)
 p.add_argument("--samples", type=int, default=2)
 p.add_argument("--n-dirs", type=int, default=64, help="sampled directions per cone for the generation check")
@@ -41,7 +43,8 @@ if not args.reuse:  # 256 pairs: the targets are those bench/rdo_qwen.py cached;
               "--harmless", D("harmless_train.json"), "--harmless-val", D("harmless_val.json"), "--n-train", "256",
               "--n-val", "32", "--min-dim", "2", "--max-dim", "3", "--max-steps", str(args.max_steps),
               "--effective-batch", str(args.effective_batch), "--samples", str(args.samples), "--select-last", "3",
-              "--eval-samples", "16", "--select-samples", "4", "--out", args.out, "--overwrite"])
+              "--eval-samples", "16", "--select-samples", "4", "--out", args.out, "--overwrite"]
+             + (["--init", args.init] if args.init else []))
 t_train = time.time() - t0
 
 model, tok = C.load_model(QWEN)
@@ -71,7 +74,7 @@ for k in (2, 3):
 t_eval = time.time() - t1
 
 med = lambda xs: torch.tensor(xs).median().item()
-print(f"\nQwen2.5-Coder-0.5B-Instruct, layer {layer}, alpha {alpha:.2f}; RCO {args.max_steps} steps x {args.effective_batch} pairs, "
+print(f"\nQwen2.5-Coder-0.5B-Instruct, layer {layer}, alpha {alpha:.2f}; RCO from {args.init or 'random'}, {args.max_steps} steps x {args.effective_batch} pairs, "
       f"{args.samples} samples/pair; {args.n_dirs} sampled directions per cone; {args.n_eval} + {args.n_eval} held-out "
       f"prompts, {args.max_new_tokens} new tokens, substring judge")
 print(f"{'':26s} {'baseline':>9s} {'DIM':>7s} " + " ".join(f"{f'k={k} median':>12s} {f'k={k} worst':>11s} {f'k={k} basis':>13s}" for k in cones))

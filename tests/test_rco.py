@@ -108,10 +108,13 @@ def setup(tiny_dir, tmp_path):
 
 def test_cones_grow_from_the_smaller_cone_and_stay_orthonormal(setup):
     base, tmp = setup
-    rco.main(base + ["--min-dim", "1", "--max-dim", "2", "--lr", "0", "--out", str(tmp / "still")])
+    dim_file = str(tmp / "dim" / "dim.safetensors")
+    rco.main(base + ["--min-dim", "1", "--max-dim", "2", "--lr", "0", "--init", dim_file, "--out", str(tmp / "still")])
     k1, _ = C.load_result(str(tmp / "still" / "k1" / "rco.safetensors"))
     k2, meta = C.load_result(str(tmp / "still" / "k2" / "rco.safetensors"))
-    torch.testing.assert_close(k2["basis"][0], k1["basis"][0])  # lr 0: the 2-cone is still its start
+    v = C.load_result(dim_file)[0]["direction"]
+    torch.testing.assert_close(k1["basis"][0], v / v.norm())  # lr 0: the 1-cone is --init ...
+    torch.testing.assert_close(k2["basis"][0], k1["basis"][0])  # ... and the 2-cone is still its start
     rco.main(base + ["--min-dim", "2", "--max-dim", "2", "--lr", "0.05", "--out", str(tmp / "moving")])
     B, meta = C.load_result(str(tmp / "moving" / "k2" / "rco.safetensors"))
     torch.testing.assert_close(B["basis"] @ B["basis"].T, torch.eye(2), atol=1e-5, rtol=0)
