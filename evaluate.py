@@ -29,6 +29,7 @@ import argparse, contextlib, importlib.util, json, os, subprocess, sys, time
 import torch
 
 import common as C
+import rco
 import rdo
 
 
@@ -317,11 +318,9 @@ def mode_cosine(model, tok, args, dirs, data):
 # ----------------------------------------------------------------------------- cone
 
 def cone_samples(basis, n, seed):
-    """n unit directions uniform on the cone's section of the sphere: s = |N(0, I_k)| / norm, r = s B (B orthonormal
-    rows, so r is unit). Normalising convex combinations instead would favour the basis vectors (Section 5)."""
-    g = torch.Generator().manual_seed(seed)
-    s = torch.randn(n, basis.shape[0], generator=g, dtype=torch.float64).abs()
-    s = s / s.norm(dim=-1, keepdim=True)
+    """n unit directions uniform on the cone's part of the sphere (rco.sample_coefficients: normalising convex
+    combinations instead would favour the basis vectors), and their coefficients s; r = s B."""
+    s = rco.sample_coefficients(basis.shape[0], n, torch.Generator().manual_seed(seed)).double()
     r = s @ basis.double()
     return s, (r / r.norm(dim=-1, keepdim=True)).float()
 
