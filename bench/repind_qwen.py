@@ -30,6 +30,7 @@ p.add_argument("--select-last", type=int, default=4)
 p.add_argument("--seed", type=int, default=0)
 p.add_argument("--n-eval", type=int, default=64)
 p.add_argument("--train-perp", action="store_true", help="train RDO-perp with rdo.py --orthogonal-to DIM (one epoch)")
+p.add_argument("--perp-steps", type=int, default=None, help="with --train-perp: optimizer steps (default: one epoch)")
 p.add_argument("--perp-from", default="runs/bench/rdo_qwen/rdo.safetensors",
                help="without --train-perp: RDO-perp = this RDO direction with its DIM component projected out")
 p.add_argument("--skip-train", action="store_true", help="evaluate the existing results in --out")
@@ -48,7 +49,8 @@ if not args.skip_train:
                         os.path.dirname(rep_file)])
 t_rep = time.time() - t0
 if args.train_perp:  # RDO-perp trained by rdo.py: one epoch, the rdo.py defaults otherwise
-    rdo.main(data + ["--orthogonal-to", args.dim, "--out", os.path.join(args.out, "rdo_perp")])
+    rdo.main(data + ["--orthogonal-to", args.dim, "--out", os.path.join(args.out, "rdo_perp")]
+             + (["--max-steps", str(args.perp_steps)] if args.perp_steps else []))
 t_perp = time.time() - t0 - t_rep
 
 model, tok = C.load_model(QWEN)
