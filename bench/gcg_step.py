@@ -105,34 +105,38 @@ def child(variant, dtype, args):
 
 
 def nanogcg_child(model, tok, dtype, args):
-    """nanoGCG (PyPI nanogcg 0.3.0, on PYTHONPATH) at the same settings: seconds per step from a run of 1 step and
-    one of 1 + 2 * repeats steps (the difference leaves out its setup). Plain GCG: it has no RepInd term."""
-    import nanogcg, transformers
+    """nanoGCG (PyPI nanogcg 0.3.0) at the same settings, 1 + repeats steps, each step timed inside its loop.
+    Plain GCG: it has no RepInd term. Peak memory only on CUDA (its run includes its own setup)."""
+    import nanogcg, nanogcg.gcg, transformers
     dev = C.input_device(model)
-    out = {}
-    for cache in (True, False):  # its prefix cache expects the old tuple cache format: may fail on transformers 5
+    stamps = []
+
+    def timed(it, *a, **k):  # nanoGCG loops over tqdm(range(steps)): stamp every step (its setup is left out)
+        for x in it:
+            if dev.type == "cuda":
+                torch.cuda.synchronize()
+            stamps.append((time.time(), time.process_time()))
+            yield x
+        stamps.append((time.time(), time.process_time()))
+
+    nanogcg.gcg.tqdm = timed
+    for cache in (True, False):  # its prefix cache expects the old tuple cache format: fails on transformers 5
+        variant = f"nanogcg{'' if cache else '-nocache'}"
         try:
-            runs = []
-            for steps in (1, 1 + 2 * args.repeats):
-                cfg = nanogcg.GCGConfig(num_steps=steps, search_width=args.search_width, topk=args.topk, seed=0,
-                                        use_prefix_cache=cache, verbosity="WARNING", batch_size=args.batch_size)
-                if dev.type == "cuda":
-                    torch.cuda.synchronize()
-                    torch.cuda.reset_peak_memory_stats()
-                t, c = time.time(), time.process_time()
-                res = nanogcg.run(model, tok, PROMPT + " {optim_str}", G.default_target(PROMPT), cfg)
-                if dev.type == "cuda":
-                    torch.cuda.synchronize()
-                runs.append((time.time() - t, time.process_time() - c, res.losses))
+            stamps.clear()
+            cfg = nanogcg.GCGConfig(num_steps=1 + args.repeats, search_width=args.search_width, topk=args.topk, seed=0,
+                                    use_prefix_cache=cache, verbosity="WARNING", batch_size=args.batch_size)
+            if dev.type == "cuda":
+                torch.cuda.reset_peak_memory_stats()
+            res = nanogcg.run(model, tok, PROMPT + " {optim_str}", G.default_target(PROMPT), cfg)
+            steps = [(b[0] - a[0], b[1] - a[1]) for a, b in zip(stamps[1:-1], stamps[2:])]  # after a warm-up step
             peak = torch.cuda.max_memory_allocated() / 2**20 if dev.type == "cuda" else float("nan")
-            out[cache] = {"variant": f"nanogcg{'' if cache else '-nocache'}", "dtype": dtype, "device": str(dev),
-                          "seconds": (runs[1][0] - runs[0][0]) / (2 * args.repeats),
-                          "cpu_seconds": (runs[1][1] - runs[0][1]) / (2 * args.repeats), "peak_mb": peak,
-                          "loss_now": float("nan"), "best_loss": runs[1][2][0], "fixed": [], "losses": runs[1][2],
-                          "transformers": transformers.__version__}
+            row = {"variant": variant, "dtype": dtype, "device": str(dev), "seconds": median([w for w, _ in steps]),
+                   "cpu_seconds": median([c for _, c in steps]), "peak_mb": peak, "loss_now": float("nan"),
+                   "best_loss": res.losses[0], "fixed": [], "losses": res.losses, "transformers": transformers.__version__}
         except Exception as e:
-            out[cache] = {"variant": f"nanogcg{'' if cache else '-nocache'}", "error": f"{type(e).__name__}: {e}"[:300]}
-        print(json.dumps(out[cache]), flush=True)
+            row = {"variant": variant, "error": f"{type(e).__name__}: {e}"[:300]}
+        print(json.dumps(row), flush=True)
 
 
 def main():
@@ -171,7 +175,7 @@ def main():
             for row in lines:
                 print({k: v for k, v in row.items() if k not in ("fixed", "losses")}, flush=True)
                 rows.append({"dtype": dtype, **row})
-    r0 = next(r for r in rows if "prefix_tokens" in r)
+    r0 = next((r for r in rows if "prefix_tokens" in r), {"prefix_tokens": "?", "rest_tokens": "?", "device": args.device})
     print(f"\none GCG step, {'random-weight ' if args.random_weights else ''}Qwen2.5-Coder-0.5B-Instruct on {r0['device']} "
           f"({torch.get_num_threads()} threads): search width {args.search_width}, top-k {args.topk}, suffix {args.suffix_len}, "
           f"{args.batch_size} candidates per pass, RepInd weight {args.repind_weight:g}; prefix {r0['prefix_tokens']} tokens, "
