@@ -249,7 +249,8 @@ def _edit_input(fn):
 
 
 @contextlib.contextmanager
-def _hooks(registrations):
+def hooks(registrations):
+    """Register (register_fn, hook) pairs for the duration of a with block; always removed, also on exceptions."""
     handles = []
     try:
         for register, hook in registrations:
@@ -286,7 +287,7 @@ def directional_ablation(model, directions):
         regs.append((lambda h, b=block: b.register_forward_pre_hook(h, with_kwargs=True), _edit_input(project)))
         for m in residual_writers(block):
             regs.append((m.register_forward_hook, _edit_output(project)))
-    with _hooks(regs):
+    with hooks(regs):
         yield
 
 
@@ -302,7 +303,7 @@ def activation_addition(model, vector, layer):
     def add(x):
         return x + v.to(x.device, x.dtype)
 
-    with _hooks([(lambda h: block.register_forward_pre_hook(h, with_kwargs=True), _edit_input(add))]):
+    with hooks([(lambda h: block.register_forward_pre_hook(h, with_kwargs=True), _edit_input(add))]):
         yield
 
 
@@ -384,7 +385,7 @@ def layer_cosines(model, tokenizer, instructions, directions, batch_size=32, des
         return hook
 
     total = torch.zeros(len(units), len(blocks), dtype=torch.float64)
-    with _hooks([(lambda h, b=b: b.register_forward_pre_hook(h, with_kwargs=True), capture(l)) for l, b in enumerate(blocks)]):
+    with hooks([(lambda h, b=b: b.register_forward_pre_hook(h, with_kwargs=True), capture(l)) for l, b in enumerate(blocks)]):
         for idx, batch in length_batches(model, tokenizer, instructions, batch_size, desc):
             forward(model, batch, logits_to_keep=1)
             for l in range(len(blocks)):
