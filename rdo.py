@@ -45,7 +45,7 @@ def training_parser(doc, method):
       help="examples per forward pass; the loss does not depend on it (default: 16 on a GPU; 2 on a CPU, where "
            "larger is barely faster and needs more memory: bench/rdo_step.py)")
     a("--epochs", type=int, default=1, help="passes over the training pairs at most")
-    a("--max-steps", type=int, default=None, help="stop after this many optimizer steps (default: one epoch)")
+    a("--max-steps", type=int, default=None, help="stop after this many optimizer steps (default: --epochs passes)")
     a("--lambda-abl", type=float, default=1.0, help="weight of the ablation loss (answer harmful prompts)")
     a("--lambda-add", type=float, default=0.2, help="weight of the addition loss (refuse harmless prompts)")
     a("--lambda-ret", type=float, default=1.0, help="weight of the retain loss (KL on harmless answers)")

@@ -19,7 +19,7 @@ scores, every candidate's loss history and scores, the composition of the top-k 
 Figure 6 (per layer: cos with and without the other's ablation, both ways) for DIM vs each RepInd direction and
 DIM vs --compare; DIR/repind_checkpoint.pt while training.
 """
-import argparse, math, os, time
+import math, os, time
 
 import torch
 import torch.nn.functional as F
@@ -30,36 +30,14 @@ import rdo
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=C.HelpFormatter)
-    C.add_common_args(p, "repind", n_train=1184)
+    p = rdo.training_parser(__doc__, "repind")
     a = p.add_argument
-    a("--dim", default=None, help="dim.safetensors from dim.py (default: compute DIM here, at --layer if given)")
-    a("--layer", type=int, default=None, help="addition layer (default: the DIM layer)")
-    a("--alpha", type=float, default=None, help="addition strength (default: the DIM direction's norm)")
     a("--n-directions", type=int, default=5, help="RepInd directions to find, each independent of DIM and the earlier ones")
     a("--candidates", type=int, default=5, help="seeds trained per direction; the lowest validation refusal score wins")
     a("--lambda-ind", type=float, default=200.0, help="weight of the RepInd loss")
     a("--layer-cutoff", type=float, default=0.9, help="the RepInd loss covers the block inputs of this first fraction of layers")
     a("--compare", default=None, metavar="FILE", help="also draw Figure 6's curves for DIM vs this direction (e.g. RDO-perp)")
-    a("--lr", type=float, default=0.01, help="AdamW learning rate")
-    a("--betas", type=float, nargs=2, default=(0.9, 0.98), help="AdamW betas")
-    a("--effective-batch", type=int, default=16, help="examples per optimizer step")
-    a("--micro-batch", type=int, default=None, help="examples per forward pass (default: 16 on a GPU, 2 on a CPU)")
-    a("--epochs", type=int, default=2, help="passes over the training pairs at most")
-    a("--max-steps", type=int, default=None, help="stop each candidate after this many optimizer steps (default: --epochs)")
-    a("--lambda-abl", type=float, default=1.0, help="weight of the ablation loss (answer harmful prompts)")
-    a("--lambda-add", type=float, default=0.2, help="weight of the addition loss (refuse harmless prompts)")
-    a("--lambda-ret", type=float, default=0.1, help="weight of the retain loss (KL on harmless answers)")
-    a("--answer-tokens", type=int, default=30, help="length of t_answer (DIM ablated, harmful prompts)")
-    a("--retain-tokens", type=int, default=29, help="length of t_retain (no intervention, harmless prompts)")
-    a("--refusal-tokens", type=int, default=32, help="t_refusal: at most this many tokens, cut after the first sentence")
-    a("--patience", type=int, default=5, help="steps without improvement before lr / 10")
-    a("--lr-drops", type=int, default=2, help="lr reductions before the next plateau stops training")
-    a("--select-last", type=int, default=20, help="choose each candidate's final iterate among this many last ones")
-    a("--kl-threshold", type=float, default=0.1, help="selection: discard iterates whose ablation KL exceeds this")
-    a("--induce-threshold", type=float, default=0.0, help="selection: discard iterates whose induce score is below this")
-    a("--resume", action="store_true", help="continue from DIR/repind_checkpoint.pt")
-    a("--cache", default=None, help="targets cache folder (default: runs/<model-name>/targets, shared with rdo.py)")
+    p.set_defaults(epochs=2, lambda_ret=0.1)  # Appendix A: RepInd trains two epochs with a weaker retain loss
     return p.parse_args(argv)
 
 
@@ -158,7 +136,7 @@ def train_candidate(S, args, seed, activations, others, resume, save):
     r = (r / r.norm()).requires_grad_(True)
     opt = torch.optim.AdamW([r], lr=args.lr, betas=tuple(args.betas), weight_decay=0.0)
     order = torch.cat([torch.randperm(n, generator=g) for _ in range(args.epochs)])
-    state = {"step": 0, "plateau": {"best": math.inf, "bad": 0, "drops": 0}, "history": [], "iterates": [], "done": False}
+    state = rdo.new_state()
     if resume is not None:
         with torch.no_grad():
             r.copy_(resume["r"].to(device))
@@ -184,14 +162,7 @@ def train_candidate(S, args, seed, activations, others, resume, save):
             r.grad = rdo.tangent(r.grad, r)
             opt.step()
             r /= r.norm()
-        action = rdo.plateau_step(state["plateau"], sums["loss"], args.patience, args.lr_drops)
-        if action == "drop":
-            for group in opt.param_groups:
-                group["lr"] /= 10
-        state["done"] = action == "stop"
-        state["history"].append({"step": s, "lr": opt.param_groups[0]["lr"], **sums})
-        state["iterates"].append(r.detach().cpu().clone())
-        state["step"] = s + 1
+        rdo.record_step(opt, state, sums, r, args)
         save({"r": r.detach().cpu(), "opt": opt.state_dict(), "state": state, "order": order, "seed": seed})
         bar.update(1)
         tqdm.write(f"seed {seed} step {s}: loss {sums['loss']:.4f} (abl {sums['abl']:.4f}, add {sums['add']:.4f}, "
