@@ -250,3 +250,15 @@ def test_the_shared_prefix_changes_nothing(family, monkeypatch):
     for k in ("abl", "add", "ret"):
         assert shared[k] == pytest.approx(full[k], rel=1e-5, abs=1e-7)  # ret is a KL of ~1e-4: fp32 rounding
     torch.testing.assert_close(r1.grad, r2.grad, rtol=1e-4, atol=1e-7)
+
+
+def test_same_seed_same_direction_other_seed_another(setup):
+    base, tmp, _ = setup
+    short = base + ["--max-steps", "2"]
+    rdo.main(short + ["--out", str(tmp / "a")])
+    rdo.main(short + ["--out", str(tmp / "b")])
+    rdo.main(short + ["--out", str(tmp / "c"), "--seed", "1"])
+    a, b, c = (C.load_result(str(tmp / x / "rdo.safetensors"))[0]["direction"] for x in "abc")
+    assert torch.equal(a, b)
+    assert (a @ c).abs() < 0.9
+    assert json.load(open(tmp / "a" / "rdo.json"))["seed"] == 0 and json.load(open(tmp / "c" / "rdo.json"))["seed"] == 1
