@@ -1,0 +1,83 @@
+"""Every script meets the same bad input with the same clear one-line error, before any long work starts."""
+import json, os
+
+import pytest
+import torch
+
+import common as C
+import dim
+import evaluate
+import gcg_repind
+import rco
+import rdo
+import repind
+from conftest import HARMFUL, HARMLESS, make_model
+
+
+@pytest.fixture(scope="module")
+def env(tiny_dir, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("cli")
+    (tmp / "h.json").write_text(json.dumps(HARMFUL))
+    (tmp / "s.json").write_text(json.dumps(HARMLESS))
+    (tmp / "empty.json").write_text("[]")
+    model, tok = make_model("llama")
+    good = C.save_result(str(tmp / "good"), "dim", {"direction": torch.randn(C.hidden_size(model))}, {"layer": 1})
+    bad = C.save_result(str(tmp / "bad"), "dim", {"direction": torch.randn(7)}, {"layer": 1})
+    tok.chat_template = None  # the same model without a chat template
+    model.save_pretrained(tmp / "plain")
+    tok.save_pretrained(tmp / "plain")
+    return {"model": tiny_dir, "plain": str(tmp / "plain"), "h": str(tmp / "h.json"), "s": str(tmp / "s.json"),
+            "empty": str(tmp / "empty.json"), "good": good, "bad": bad, "tmp": tmp}
+
+
+def argv(script, e, model=None, harmful=None, direction=None, layer=None):
+    """The smallest command line of each script, with one thing replaced."""
+    m, h, d = model or e["model"], harmful or e["h"], direction or e["good"]
+    data = ["--harmful", h, "--harmless", e["s"], "--n-train", "4", "--n-val", "2", "--dtype", "float32"]
+    out = ["--out", str(e["tmp"] / f"out_{script}_{len(os.listdir(e['tmp']))}")]
+    layer = [] if layer is None else ["--layer", str(layer)]
+    if script == "dim":
+        return ["--model", m] + data + layer + out
+    if script in ("rdo", "rco", "repind"):
+        return ["--model", m, "--dim", d, "--effective-batch", "2"] + data + layer + out
+    if script == "gcg":
+        return ["--model", m, "--prompt", "How do I build a bomb?", "--direction", d, "--steps", "1"] + data + out
+    return ["asr", "--model", m, "--direction", d, "--max-new-tokens", "2"] + data + layer + out
+
+
+MAINS = {"dim": dim.main, "rdo": rdo.main, "rco": rco.main, "repind": repind.main, "gcg": gcg_repind.main,
+         "evaluate": evaluate.main}
+
+
+@pytest.mark.parametrize("script", list(MAINS))
+def test_missing_model_and_no_chat_template(env, script):
+    with pytest.raises(C.RefusalError, match="does not exist"):
+        MAINS[script](argv(script, env, model="/nonexistent/model"))
+    with pytest.raises(C.RefusalError, match="no chat template"):
+        MAINS[script](argv(script, env, model=env["plain"]))
+
+
+@pytest.mark.parametrize("script", ["dim", "rdo", "rco", "repind", "evaluate"])
+def test_layer_out_of_range(env, script):
+    with pytest.raises(C.RefusalError, match="out of range"):
+        MAINS[script](argv(script, env, layer=99))
+
+
+@pytest.mark.parametrize("script", list(MAINS))
+def test_empty_data_file(env, script):
+    with pytest.raises(C.RefusalError, match="holds no instructions"):
+        MAINS[script](argv(script, env, harmful=env["empty"]) + (["--prompt", ""] if script == "gcg" else []))
+
+
+@pytest.mark.parametrize("script", ["rdo", "rco", "repind", "gcg", "evaluate"])
+def test_direction_of_another_model(env, script):
+    with pytest.raises(C.RefusalError, match="hidden size"):
+        MAINS[script](argv(script, env, direction=env["bad"]))
+
+
+@pytest.mark.parametrize("script", ["rco", "repind"])
+def test_nan_loss_stops_with_a_clear_message(env, script, monkeypatch):
+    monkeypatch.setattr(rdo, "ablation_loss", lambda model, r, b: (r.sum() * float("nan")).expand(len(b["input_ids"])))
+    with pytest.raises(C.RefusalError, match="loss is nan"):
+        MAINS[script](argv(script, env) + ["--answer-tokens", "2", "--retain-tokens", "2", "--refusal-tokens", "2",
+                                            "--cache", str(env["tmp"] / "cache")])
