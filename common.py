@@ -675,5 +675,13 @@ def load_direction(path, model, key=None):
     return check_direction(model, tensors[key], f"'{path}'"), meta
 
 
+def load_checkpoint(path, run_key):
+    """A training checkpoint (--resume), refused when it was made with other settings than this run's."""
+    ck = torch.load(path, weights_only=False)
+    if ck["run"] != run_key:
+        raise RefusalError(f"{path} was made with other settings ({ck['run']}); start over with --overwrite")
+    return ck
+
+
 def tensor_hash(t):
     return hashlib.sha256(t.detach().float().cpu().contiguous().numpy().tobytes()).hexdigest()[:16]

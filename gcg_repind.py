@@ -347,9 +347,7 @@ def main(argv=None):
                                               "allow_non_ascii", "allow_special", "no_cache")}
     ck = {"run": run_key, "results": [], "state": None}
     if args.resume:
-        ck = torch.load(ckpt_path, weights_only=False)
-        if ck["run"] != run_key:
-            raise C.RefusalError(f"{ckpt_path} was made with other settings ({ck['run']}); start over with --overwrite")
+        ck = C.load_checkpoint(ckpt_path, run_key)
         print(f"resumed at prompt {len(ck['results'])}, step {ck['state']['step'] if ck['state'] else 0} from {ckpt_path}")
     save = lambda: C.atomic_write(ckpt_path, lambda tmp: torch.save(ck, tmp))  # Ctrl-C loses at most one step
 

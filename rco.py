@@ -185,9 +185,7 @@ def main(argv=None):
             raise C.RefusalError(f"--init holds {len(init)} directions, more than --min-dim {args.min_dim}")
     ck = {"k": args.min_dim, "prev": init}
     if args.resume:
-        ck = torch.load(S.ckpt_path, weights_only=False)
-        if ck["run"] != S.run_key:
-            raise C.RefusalError(f"{S.ckpt_path} was made with other settings ({ck['run']}); start over with --overwrite")
+        ck = C.load_checkpoint(S.ckpt_path, S.run_key)
         print(f"resumed at k = {ck['k']}, step {ck['state']['step']} from {S.ckpt_path}")
     results = {}
     for k in range(args.min_dim, args.max_dim + 1):

@@ -372,9 +372,7 @@ def main(argv=None):
     order = torch.cat([torch.randperm(n, generator=g) for _ in range(args.epochs)])
     state = new_state()
     if args.resume:
-        ck = torch.load(ckpt_path, weights_only=False)
-        if ck["run"] != run_key:
-            raise C.RefusalError(f"{ckpt_path} was made with other settings ({ck['run']}); start over with --overwrite")
+        ck = C.load_checkpoint(ckpt_path, run_key)
         with torch.no_grad():
             r.copy_(ck["r"].to(device))
         opt.load_state_dict(ck["opt"])

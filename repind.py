@@ -221,9 +221,7 @@ def main(argv=None):
     run_key = {**S.run_key, **{k: getattr(args, k) for k in ("lambda_ind", "layer_cutoff", "candidates")}}
     ck = {"run": run_key, "found": [], "cands": [], "train": None}
     if args.resume:
-        ck = torch.load(ckpt_path, weights_only=False)
-        if ck["run"] != run_key:
-            raise C.RefusalError(f"{ckpt_path} was made with other settings ({ck['run']}); start over with --overwrite")
+        ck = C.load_checkpoint(ckpt_path, run_key)
         print(f"resumed at direction {len(ck['found']) + 1}, candidate {len(ck['cands']) + 1} from {ckpt_path}")
     save = lambda: C.atomic_write(ckpt_path, lambda tmp: torch.save(ck, tmp))  # Ctrl-C loses at most one step
 

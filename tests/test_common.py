@@ -251,3 +251,11 @@ def test_out_of_memory_halves_the_batch_and_goes_on(monkeypatch):
     assert sizes == [5, 2, 3, 1, 2]  # 5 fails, its halves 2 and 3, then the 3 halves into 1 and 2
     monkeypatch.setattr(model, "forward", small_only(real_forward))
     torch.testing.assert_close(C.last_logits(model, tok, HARMFUL[:5], batch_size=8), want_logits, atol=1e-5, rtol=1e-5)
+
+
+def test_checkpoint_of_other_settings_is_refused(tmp_path):
+    path = str(tmp_path / "x_checkpoint.pt")
+    torch.save({"run": {"lr": 0.01}, "step": 3}, path)
+    assert C.load_checkpoint(path, {"lr": 0.01})["step"] == 3
+    with pytest.raises(C.RefusalError, match="other settings.*--overwrite"):
+        C.load_checkpoint(path, {"lr": 0.1})
