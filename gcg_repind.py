@@ -27,7 +27,7 @@ greedy completion with the suffix, and the per-layer cosine with the direction b
 where 128 candidates of a 0.5B model already take 6 GB); it halves on CUDA out-of-memory.
 --harmless, --n-train, --n-val and --harmless-val are not used here.
 """
-import argparse, copy, math, os, re, time
+import argparse, copy, inspect, math, os, re, time
 
 import torch
 import torch.nn.functional as F
@@ -119,8 +119,13 @@ def make_context(model, before, after, target, use_cache=True):
     if use_cache:
         from transformers import DynamicCache
         ctx["cache"] = DynamicCache(config=model.config)
-        model(input_ids=ctx["before"][None], use_cache=True, logits_to_keep=1, **{C.cache_kwarg(model): ctx["cache"]})
+        model(input_ids=ctx["before"][None], use_cache=True, logits_to_keep=1, **{cache_kwarg(model): ctx["cache"]})
     return ctx
+
+
+def cache_kwarg(model):
+    """transformers 5.24 renamed the forward's `past_key_values` to `cache` (the old name warns until 5.40)."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
 def batch_cache(cache, n):
@@ -159,7 +164,7 @@ def suffix_losses(model, ctx, suffix, unit=None):
     cache = None if ctx["cache"] is None else batch_cache(ctx["cache"], B)
     with C.hooks(regs):
         logits = model(inputs_embeds=x, position_ids=pos, use_cache=cache is not None, logits_to_keep=T,
-                       **{C.cache_kwarg(model): cache}).logits
+                       **{cache_kwarg(model): cache}).logits
     target = ctx["target"][None].expand(B, -1)
     up = lambda t: t.double() if t.dtype == torch.float64 else t.float()  # bf16 -> fp32; fp64 stays (tests)
     # (B*T, V) rows: log-softmax over a contiguous last dim (over a transposed one it is several times slower on CPU)
