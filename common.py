@@ -3,14 +3,17 @@
 Only what two or more scripts use lives here:
   models      load_model, decoder_layers, hidden_size, check_layer, pick_device / pick_dtype
   chat        format_chat, post_instruction_ids, tokenize, forward (real position ids under left padding)
-  hooks       directional_ablation, activation_addition (context managers, differentiable), unit_basis
-  scoring     last_logits, refusal_token_ids, refusal_scores, kl_last, is_refusal, refusal_rate
-  generation  generate / generate_ids (batched by length, greedy, left-padded)
+  hooks       directional_ablation (one direction, a subspace, or one per batch row), activation_addition
+              (context managers, differentiable), unit_basis, hooks
+  scoring     length_batches, last_logits, refusal_token_ids, refusal_scores, kl_last, layer_cosines,
+              is_refusal, refusal_rate
+  generation  generate / generate_ids (batched by length, greedy, left-padded), halve_on_oom
   data        load_instructions, get_prompts (named sets or local .json/.jsonl/.csv/.txt)
-  results     add_common_args, HelpFormatter, out_dir, model_dir, save_result, load_result, load_direction
+  results     add_common_args, HelpFormatter, out_dir, model_dir, save_result, load_result, load_direction,
+              load_checkpoint
 Every error a user can cause is raised as RefusalError; run(main) turns it into one line and exit code 2.
 """
-import argparse, contextlib, csv, datetime, hashlib, inspect, json, os, platform, random, subprocess, sys
+import argparse, contextlib, csv, datetime, hashlib, json, os, platform, random, subprocess, sys
 
 import torch
 import torch.nn.functional as F
@@ -193,33 +196,6 @@ def forward(model, batch, **kw):
                  position_ids=position_ids(batch["attention_mask"]), use_cache=False, **kw)
 
 
-def cache_kwarg(model):
-    """The forward argument that takes a KV cache: `cache` from transformers 5.2x, `past_key_values` before."""
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-
-
-def prefix_kv(model, ids):
-    """Per-layer (keys, values) of a token prefix ids (1, P), run under whatever hooks are active; differentiable."""
-    from transformers import DynamicCache
-    cache = DynamicCache(config=model.config)
-    model(input_ids=ids, position_ids=torch.arange(ids.shape[1], device=ids.device)[None], use_cache=True,
-          logits_to_keep=1, **{cache_kwarg(model): cache})
-    return [(layer.keys, layer.values) for layer in cache.layers]
-
-
-def forward_after(model, kv, batch, **kw):
-    """forward() for left-padded rows that all continue the prefix whose prefix_kv is kv: the prefix is computed
-    once, not once per row. A fresh cache per call (the model appends to it), holding views of kv."""
-    from transformers import DynamicCache
-    n, p = batch["input_ids"].shape[0], kv[0][0].shape[2]
-    cache = DynamicCache(config=model.config)
-    for l, (k, v) in enumerate(kv):
-        cache.update(k.expand(n, -1, -1, -1), v.expand(n, -1, -1, -1), l)
-    mask = batch["attention_mask"]
-    return model(input_ids=batch["input_ids"], attention_mask=torch.cat([mask.new_ones(n, p), mask], 1),
-                 position_ids=p + position_ids(mask), **{cache_kwarg(model): cache}, **kw)
-
-
 # ----------------------------------------------------------------------------- hooks
 
 def unit_basis(directions):
@@ -374,8 +350,7 @@ def layer_cosines(model, tokenizer, instructions, directions, batch_size=32, des
     """Mean over prompts of cos(x_l, v) at the last prompt position, for every block input x_l and every
     direction v: shape (k, n_layers), float64 (Figures 6 and 9). Run inside an intervention context to see the
     intervened activations (the capture hook runs after any ablation hook registered before it)."""
-    dirs = directions.float().reshape(-1, directions.shape[-1])
-    units = dirs / dirs.norm(dim=-1, keepdim=True)
+    units = F.normalize(directions.detach().double().cpu().reshape(-1, directions.shape[-1]), dim=-1)
     blocks, seen = decoder_layers(model), {}
 
     def capture(l):
@@ -389,8 +364,7 @@ def layer_cosines(model, tokenizer, instructions, directions, batch_size=32, des
         for idx, batch in length_batches(model, tokenizer, instructions, batch_size, desc):
             forward(model, batch, logits_to_keep=1)
             for l in range(len(blocks)):
-                x = seen[l].cpu()
-                total[:, l] += (F.normalize(x, dim=-1) @ units.double().cpu().T).sum(0)
+                total[:, l] += (F.normalize(seen[l].cpu(), dim=-1) @ units.T).sum(0)
     return total / len(instructions)
 
 
