@@ -183,9 +183,10 @@ def main(argv=None):
         init = C.unit_basis(C.load_direction(args.init, S.model)[0].reshape(-1, d)).cpu()
         if len(init) > args.min_dim:
             raise C.RefusalError(f"--init holds {len(init)} directions, more than --min-dim {args.min_dim}")
+    run_key = {**S.run_key, **{f: getattr(args, f) for f in ("samples", "min_dim", "max_dim", "init")}}
     ck = {"k": args.min_dim, "prev": init}
     if args.resume:
-        ck = C.load_checkpoint(S.ckpt_path, S.run_key)
+        ck = C.load_checkpoint(S.ckpt_path, run_key)
         print(f"resumed at k = {ck['k']}, step {ck['state']['step']} from {S.ckpt_path}")
     results = {}
     for k in range(args.min_dim, args.max_dim + 1):
@@ -221,7 +222,7 @@ def main(argv=None):
                 B.copy_(gram_schmidt(B))  # line 8: back to an orthonormal basis
             rdo.record_step(opt, state, sums, B, args)
             ck = {"k": k, "prev": ck["prev"], "B": B.detach().cpu(), "opt": opt.state_dict(), "state": state, "order": order,
-                  "rng": g.get_state(), "run": S.run_key}
+                  "rng": g.get_state(), "run": run_key}
             C.atomic_write(S.ckpt_path, lambda tmp: torch.save(ck, tmp))  # Ctrl-C now loses at most this step
             bar.update(1)
             tqdm.write(f"k={k} step {s}: loss {sums['loss']:.4f} (samples {sums['sample']:.4f}, basis {sums['basis']:.4f}), "
@@ -241,7 +242,7 @@ def main(argv=None):
         path = C.save_result(folder, "rco", {"basis": basis}, meta)
         print(f"k={k}: chose step {chosen['step']}; sampled directions' bypass score median {q['median']:.3f} "
               f"(worst {q['max']:.3f}); wrote {path}")
-        ck = {"k": k + 1, "prev": basis, "state": None, "run": S.run_key}
+        ck = {"k": k + 1, "prev": basis, "state": None, "run": run_key}
         C.atomic_write(S.ckpt_path, lambda tmp: torch.save(ck, tmp))
     plot_cones(results, os.path.join(args.out, "rco.png"))
     os.remove(S.ckpt_path)

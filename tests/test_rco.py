@@ -144,6 +144,8 @@ def test_resume_across_cone_dimensions(setup, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         rco.main(args + ["--out", str(tmp / "part")])
     monkeypatch.setattr(rdo, "plateau_step", real)
+    with pytest.raises(C.RefusalError, match="other settings"):  # the cone's own settings are part of the run
+        rco.main(args + ["--out", str(tmp / "part"), "--resume", "--samples", "3"])
     rco.main(args + ["--out", str(tmp / "part"), "--resume"])
     for k in (1, 2):
         a, _ = C.load_result(str(tmp / "full" / f"k{k}" / "rco.safetensors"))
