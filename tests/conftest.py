@@ -91,3 +91,16 @@ def data_files(tmp_path):
     h.write_text(json.dumps([{"instruction": x, "source": "test"} for x in HARMFUL]))
     s.write_text(json.dumps([{"instruction": x} for x in HARMLESS]))
     return str(h), str(s)
+
+
+def train_files(tmp_path, repeat=1):
+    """Harmful and harmless prompt files and a DIM result (layer 2) for end-to-end runs of the training scripts."""
+    import json
+    import common as C
+    h, s = tmp_path / "h.json", tmp_path / "s.json"
+    h.write_text(json.dumps(HARMFUL * repeat))
+    s.write_text(json.dumps(HARMLESS * repeat))
+    torch.manual_seed(3)
+    d = make_config("llama", len(make_tokenizer())).hidden_size
+    dim_file = C.save_result(str(tmp_path / "dim"), "dim", {"direction": 4 * torch.randn(d)}, {"layer": 2})
+    return str(h), str(s), dim_file

@@ -1,5 +1,5 @@
 """rco.py: uniform cone samples, Gram-Schmidt, the cone loss's gradient, growing cones, resume."""
-import json, math, os
+import math, os
 
 import pytest
 import torch
@@ -7,7 +7,7 @@ import torch
 import common as C
 import rco
 import rdo
-from conftest import HARMFUL, HARMLESS, make_model
+from conftest import HARMFUL, HARMLESS, make_model, train_files
 
 
 def ks_statistic(xs, cdf):
@@ -93,13 +93,8 @@ def test_cone_gradient_matches_finite_differences():
 
 @pytest.fixture
 def setup(tiny_dir, tmp_path):
-    h, s = tmp_path / "h.json", tmp_path / "s.json"
-    h.write_text(json.dumps(HARMFUL))
-    s.write_text(json.dumps(HARMLESS))
-    model, _ = make_model("llama")
-    torch.manual_seed(3)
-    dim_file = C.save_result(str(tmp_path / "dim"), "dim", {"direction": 4 * torch.randn(C.hidden_size(model))}, {"layer": 2})
-    base = ["--model", tiny_dir, "--harmful", str(h), "--harmless", str(s), "--n-train", "4", "--n-val", "2",
+    h, s, dim_file = train_files(tmp_path)
+    base = ["--model", tiny_dir, "--harmful", h, "--harmless", s, "--n-train", "4", "--n-val", "2",
             "--dim", dim_file, "--effective-batch", "2", "--micro-batch", "4", "--dtype", "float32", "--samples", "2",
             "--answer-tokens", "3", "--retain-tokens", "2", "--refusal-tokens", "3", "--select-last", "2",
             "--eval-samples", "4", "--select-samples", "2", "--cache", str(tmp_path / "cache")]

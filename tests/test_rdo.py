@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 import common as C
 import rdo
-from conftest import HARMFUL, HARMLESS, make_model
+from conftest import HARMFUL, HARMLESS, make_model, train_files
 
 
 def full_logprobs(model, tok, prompt, target):
@@ -118,13 +118,8 @@ def test_cut_first_sentence():
 
 @pytest.fixture
 def setup(tiny_dir, tmp_path):
-    h, s = tmp_path / "h.json", tmp_path / "s.json"
-    h.write_text(json.dumps(HARMFUL * 3))
-    s.write_text(json.dumps(HARMLESS * 3))
-    model, _ = make_model("llama")
-    torch.manual_seed(3)
-    dim_file = C.save_result(str(tmp_path / "dim"), "dim", {"direction": 4 * torch.randn(C.hidden_size(model))}, {"layer": 2})
-    base = ["--model", tiny_dir, "--harmful", str(h), "--harmless", str(s), "--n-train", "16", "--n-val", "4",
+    h, s, dim_file = train_files(tmp_path, repeat=3)
+    base = ["--model", tiny_dir, "--harmful", h, "--harmless", s, "--n-train", "16", "--n-val", "4",
             "--dim", dim_file, "--effective-batch", "4", "--micro-batch", "2", "--dtype", "float32",
             "--answer-tokens", "4", "--retain-tokens", "3", "--refusal-tokens", "4", "--select-last", "3",
             "--cache", str(tmp_path / "cache"), "--lr", "0.05"]

@@ -1,5 +1,5 @@
 """repind.py: the RepInd loss by hand, its zero case, where its gradient goes, the iteration, resume."""
-import json, os
+import os
 
 import pytest
 import torch
@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 import common as C
 import repind
-from conftest import HARMFUL, HARMLESS, make_model
+from conftest import HARMFUL, make_model, train_files
 
 
 def hand_loss(model, tok, r, others, prompts, n_layers):
@@ -103,15 +103,10 @@ def test_gradients_reach_only_the_new_direction():
 
 @pytest.fixture
 def setup(tiny_dir, tmp_path):
-    h, s = tmp_path / "h.json", tmp_path / "s.json"
-    h.write_text(json.dumps(HARMFUL))
-    s.write_text(json.dumps(HARMLESS))
-    model, _ = make_model("llama")
-    torch.manual_seed(3)
-    d = C.hidden_size(model)
-    dim_file = C.save_result(str(tmp_path / "dim"), "dim", {"direction": 4 * torch.randn(d)}, {"layer": 2})
-    perp = C.save_result(str(tmp_path / "perp"), "rdo", {"direction": torch.randn(d)}, {"layer": 2})
-    base = ["--model", tiny_dir, "--harmful", str(h), "--harmless", str(s), "--n-train", "6", "--n-val", "2",
+    h, s, dim_file = train_files(tmp_path)
+    perp = C.save_result(str(tmp_path / "perp"), "rdo", {"direction": torch.randn(C.load_result(dim_file)[0]["direction"].shape[0])},
+                         {"layer": 2})
+    base = ["--model", tiny_dir, "--harmful", h, "--harmless", s, "--n-train", "6", "--n-val", "2",
             "--dim", dim_file, "--effective-batch", "3", "--micro-batch", "2", "--dtype", "float32", "--epochs", "1",
             "--answer-tokens", "3", "--retain-tokens", "2", "--refusal-tokens", "3", "--select-last", "2",
             "--cache", str(tmp_path / "cache"), "--lr", "0.05", "--n-directions", "2", "--candidates", "2"]
