@@ -16,7 +16,7 @@ import argparse, os, sys, time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import common as C  # noqa: E402
 import dim  # noqa: E402
-from evalkit import DATA, QWEN, held_out, measure  # noqa: E402
+from evalkit import DATA, QWEN, held_out, measure, split_args  # noqa: E402
 
 p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
 p.add_argument("--model", default=QWEN)
@@ -28,13 +28,11 @@ p.add_argument("--reuse", action="store_true", help="evaluate an existing dim.py
 args = p.parse_args()
 if not os.path.isdir(args.model):
     sys.exit(f"model folder {args.model} not found: run python ../shared/scripts/get_test_models.py first")
-D = lambda name: os.path.join(args.data, name)
 
 t0 = time.time()
 if not args.reuse:
     try:
-        dim.main(["--model", args.model, "--harmful", D("harmful_train.json"), "--harmful-val", D("harmful_val.json"),
-                  "--harmless", D("harmless_train.json"), "--harmless-val", D("harmless_val.json"),
+        dim.main(["--model", args.model, *split_args(args.data),
                   "--n-train", "128", "--n-val", "32", "--out", args.out, "--overwrite"])
     except C.RefusalError as e:
         print(f"dim.py: {e}")

@@ -7,6 +7,13 @@ DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "sha
 QWEN = os.path.expanduser("~/.cache/refusal-test-models/qwen2.5-coder-0.5b-instruct")
 
 
+def split_args(data=DATA):
+    """The paper's splits as command-line flags: train files for --harmful / --harmless, val files beside them."""
+    D = lambda name: os.path.join(data, name)
+    return ["--harmful", D("harmful_train.json"), "--harmful-val", D("harmful_val.json"),
+            "--harmless", D("harmless_train.json"), "--harmless-val", D("harmless_val.json")]
+
+
 def held_out(n=64, skip=32, seed=0):
     """n harmful and n harmless validation prompts after the first `skip` (which dim.py / rdo.py validate on)."""
     D = lambda name: os.path.join(DATA, name)

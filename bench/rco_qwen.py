@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import common as C  # noqa: E402
 import rco  # noqa: E402
-from evalkit import DATA, QWEN, held_out  # noqa: E402
+from evalkit import QWEN, held_out, split_args  # noqa: E402
 
 p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
 p.add_argument("--dim", default="runs/bench/dim_qwen/selected/dim.safetensors")
@@ -35,12 +35,10 @@ p.add_argument("--reuse", action="store_true", help="evaluate existing rco.py re
 args = p.parse_args()
 if not os.path.isfile(args.dim):
     sys.exit(f"{args.dim} not found: run bench/dim_qwen.py first")
-D = lambda name: os.path.join(DATA, name)
 
 t0 = time.time()
 if not args.reuse:  # 256 pairs: the targets are those bench/rdo_qwen.py cached; max-steps uses 8 x 8 of them
-    rco.main(["--model", QWEN, "--dim", args.dim, "--harmful", D("harmful_train.json"), "--harmful-val", D("harmful_val.json"),
-              "--harmless", D("harmless_train.json"), "--harmless-val", D("harmless_val.json"), "--n-train", "256",
+    rco.main(["--model", QWEN, "--dim", args.dim, *split_args(), "--n-train", "256",
               "--n-val", "32", "--min-dim", "2", "--max-dim", "3", "--max-steps", str(args.max_steps),
               "--effective-batch", str(args.effective_batch), "--samples", str(args.samples), "--select-last", "3",
               "--eval-samples", "16", "--select-samples", "4", "--out", args.out, "--overwrite"]

@@ -15,7 +15,7 @@ import argparse, json, os, sys, time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import common as C  # noqa: E402
 import rdo  # noqa: E402
-from evalkit import DATA, QWEN, held_out, measure  # noqa: E402
+from evalkit import QWEN, held_out, measure, split_args  # noqa: E402
 
 p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
 p.add_argument("--dim", default="runs/bench/dim_qwen/selected/dim.safetensors")
@@ -30,12 +30,10 @@ p.add_argument("--skip-train", action="store_true", help="evaluate an existing r
 args = p.parse_args()
 if not os.path.isfile(args.dim):
     sys.exit(f"{args.dim} not found: run bench/dim_qwen.py first")
-D = lambda name: os.path.join(DATA, name)
 
 t0 = time.time()
 if not args.skip_train:
-    rdo.main(["--model", QWEN, "--dim", args.dim, "--harmful", D("harmful_train.json"), "--harmful-val", D("harmful_val.json"),
-              "--harmless", D("harmless_train.json"), "--harmless-val", D("harmless_val.json"), "--n-train", str(args.n_train),
+    rdo.main(["--model", QWEN, "--dim", args.dim, *split_args(), "--n-train", str(args.n_train),
               "--n-val", "32", "--select-last", "20", "--lambda-ret", str(args.lambda_ret), "--seed", str(args.seed),
               "--out", args.out, "--overwrite"] + (["--max-steps", str(args.max_steps)] if args.max_steps else [])
              + (["--layer", str(args.layer)] if args.layer is not None else []))

@@ -19,7 +19,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import common as C  # noqa: E402
 import rdo  # noqa: E402
 import repind  # noqa: E402
-from evalkit import DATA, QWEN, held_out  # noqa: E402
+from evalkit import QWEN, held_out, split_args  # noqa: E402
 
 p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
 p.add_argument("--dim", default="runs/bench/dim_qwen/selected/dim.safetensors")
@@ -37,9 +37,7 @@ p.add_argument("--skip-train", action="store_true", help="evaluate the existing 
 args = p.parse_args()
 if not os.path.isfile(args.dim):
     sys.exit(f"{args.dim} not found: run bench/dim_qwen.py first")
-D = lambda name: os.path.join(DATA, name)
-data = ["--model", QWEN, "--dim", args.dim, "--harmful", D("harmful_train.json"), "--harmful-val", D("harmful_val.json"),
-        "--harmless", D("harmless_train.json"), "--harmless-val", D("harmless_val.json"), "--n-train", str(args.n_train),
+data = ["--model", QWEN, "--dim", args.dim, *split_args(), "--n-train", str(args.n_train),
         "--n-val", "32", "--select-last", str(args.select_last), "--seed", str(args.seed), "--overwrite"]
 rep_file = os.path.join(args.out, "repind", "repind.safetensors")
 
