@@ -87,7 +87,7 @@ def child(variant, dtype, args):
             torch.cuda.synchronize()
         times.append((time.time() - t, time.process_time() - c))
         first = first or (now, best_loss)
-    (now, best_loss), losses = first, [best_loss[0]]
+    now, best_loss = first
     if dev.type == "cuda":
         peak = torch.cuda.max_memory_allocated() / 2**20
     else:
