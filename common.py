@@ -2,10 +2,11 @@
 
 Only what two or more scripts use lives here:
   models      load_model, decoder_layers, hidden_size, check_layer, pick_device / pick_dtype
-  chat        format_chat, post_instruction_ids, tokenize, forward (real position ids under left padding)
+  chat        format_chat, post_instruction_ids, tokenize, forward (real position ids under left padding),
+              prefix_kv / forward_after (a shared prefix run once, rows continue from its KV), cache_kwarg
   hooks       directional_ablation (one direction, a subspace, or one per batch row), activation_addition
               (context managers, differentiable), unit_basis, hooks
-  scoring     length_batches, last_logits, refusal_token_ids, refusal_scores, kl_last, layer_cosines,
+  scoring     length_batches, last_logits, refusal_token_ids, refusal_scores, kl_last, block_inputs, layer_cosines,
               is_refusal, refusal_rate
   generation  generate / generate_ids (batched by length, greedy, left-padded), halve_on_oom
   data        load_instructions, get_prompts (named sets or local .json/.jsonl/.csv/.txt)
@@ -13,7 +14,7 @@ Only what two or more scripts use lives here:
               load_checkpoint
 Every error a user can cause is raised as RefusalError; run(main) turns it into one line and exit code 2.
 """
-import argparse, contextlib, csv, datetime, hashlib, json, os, platform, random, subprocess, sys
+import argparse, contextlib, csv, datetime, hashlib, inspect, json, os, platform, random, subprocess, sys
 
 import torch
 import torch.nn.functional as F
@@ -196,6 +197,35 @@ def forward(model, batch, **kw):
                  position_ids=position_ids(batch["attention_mask"]), use_cache=False, **kw)
 
 
+def cache_kwarg(model):
+    """The forward argument that takes a KV cache: `cache` from transformers 5.2x, `past_key_values` before."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def prefix_kv(model, ids):
+    """Per-layer (keys, values) of a token prefix ids (1, P), run under whatever hooks are active; differentiable.
+    Only the decoder runs: no logits are needed, and on CPU the LM head for a single position is a slow batched
+    matmul that copies the whole (vocab x d) weight."""
+    from transformers import DynamicCache
+    cache, decoder = DynamicCache(config=model.config), model.get_decoder()
+    decoder(input_ids=ids, position_ids=torch.arange(ids.shape[1], device=ids.device)[None], use_cache=True,
+            **{cache_kwarg(decoder): cache})
+    return [(layer.keys, layer.values) for layer in cache.layers]
+
+
+def forward_after(model, kv, batch, **kw):
+    """forward() for left-padded rows that all continue the prefix whose prefix_kv is kv: the prefix is computed
+    once, not once per row. A fresh cache per call (the model appends to it), holding views of kv."""
+    from transformers import DynamicCache
+    n, p = batch["input_ids"].shape[0], kv[0][0].shape[2]
+    cache = DynamicCache(config=model.config)
+    for l, (k, v) in enumerate(kv):
+        cache.update(k.expand(n, -1, -1, -1), v.expand(n, -1, -1, -1), l)
+    mask = batch["attention_mask"]
+    return model(input_ids=batch["input_ids"], attention_mask=torch.cat([mask.new_ones(n, p), mask], 1),
+                 position_ids=p + position_ids(mask), **{cache_kwarg(model): cache}, **kw)
+
+
 # ----------------------------------------------------------------------------- hooks
 
 def unit_basis(directions):
@@ -345,26 +375,48 @@ def kl_last(base_logits, logits):
     return (p.exp() * (p - q)).sum(-1).mean().item()
 
 
+class _StopForward(Exception):
+    """Raised by block_inputs' hook at the first block that is not needed: the rest of the pass is skipped."""
+
+
+@contextlib.contextmanager
+def block_inputs(model, position=-1, stop_at=None):
+    """Record the input of every decoder block at `position` (the residual stream x_l, (batch, d) per block, in
+    order) into the yielded list, on each forward pass inside; clear it between passes. Capture hooks run after
+    any intervention hook registered before them, so inside an ablation they see the ablated x~ (Definition 6.1).
+
+    stop_at=L: each pass ends at block L's input (the later blocks are not needed). The with block ends there too
+    (the stop is caught here), so put only that one forward pass inside it."""
+    blocks, seen = decoder_layers(model), []
+
+    def capture(l):
+        def hook(module, args, kwargs):
+            if l == stop_at:
+                raise _StopForward
+            seen.append((args[0] if args else kwargs["hidden_states"])[:, position])
+        return hook
+
+    try:
+        with hooks([(lambda h, b=b: b.register_forward_pre_hook(h, with_kwargs=True), capture(l))
+                    for l, b in enumerate(blocks[:None if stop_at is None else stop_at + 1])]):
+            yield seen
+    except _StopForward:
+        pass
+
+
 @torch.no_grad()
 def layer_cosines(model, tokenizer, instructions, directions, batch_size=32, desc=None):
     """Mean over prompts of cos(x_l, v) at the last prompt position, for every block input x_l and every
     direction v: shape (k, n_layers), float64 (Figures 6 and 9). Run inside an intervention context to see the
-    intervened activations (the capture hook runs after any ablation hook registered before it)."""
+    intervened activations."""
     units = F.normalize(directions.detach().double().cpu().reshape(-1, directions.shape[-1]), dim=-1)
-    blocks, seen = decoder_layers(model), {}
-
-    def capture(l):
-        def hook(module, args, kwargs):
-            x = args[0] if args else kwargs["hidden_states"]
-            seen[l] = x[:, -1].double()
-        return hook
-
-    total = torch.zeros(len(units), len(blocks), dtype=torch.float64)
-    with hooks([(lambda h, b=b: b.register_forward_pre_hook(h, with_kwargs=True), capture(l)) for l, b in enumerate(blocks)]):
+    total = torch.zeros(len(units), len(decoder_layers(model)), dtype=torch.float64)
+    with block_inputs(model) as seen:
         for idx, batch in length_batches(model, tokenizer, instructions, batch_size, desc):
+            seen.clear()
             forward(model, batch, logits_to_keep=1)
-            for l in range(len(blocks)):
-                total[:, l] += (F.normalize(seen[l].cpu(), dim=-1) @ units.T).sum(0)
+            for l, x in enumerate(seen):
+                total[:, l] += (F.normalize(x.double().cpu(), dim=-1) @ units.T).sum(0)
     return total / len(instructions)
 
 

@@ -127,18 +127,36 @@ def get_targets(model, tok, harm, safe, dim_vec, layer, args):
 
 # ----------------------------------------------------------------------------- the losses (COMPUTELOSS)
 
-def pack(tok, prompts, targets, device):
-    """Prompt and target joined as token ids (re-tokenizing the joined text would shift the boundary), left-padded."""
-    rows = [tok(t, add_special_tokens=False)["input_ids"] + list(y) for t, y in zip(C.format_chat(tok, prompts), targets)]
+def pack(tok, prompts, targets, device, skip=0):
+    """Prompt and target joined as token ids (re-tokenizing the joined text would shift the boundary), left-padded;
+    without the first `skip` tokens (a prefix shared by every prompt, run once: see loss_and_grad)."""
+    rows = [tok(t, add_special_tokens=False)["input_ids"][skip:] + list(y) for t, y in zip(C.format_chat(tok, prompts), targets)]
     width = max(map(len, rows))
     ids = torch.tensor([[tok.pad_token_id] * (width - len(r)) + r for r in rows], device=device)
     mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=device)
     return {"input_ids": ids, "attention_mask": mask, "n_target": torch.tensor([len(y) for y in targets], device=device)}
 
 
-def window_logits(model, batch, k):
-    """Logits of the last k positions only: the vocabulary is 150k-256k, the targets are ~30 tokens."""
-    return C.forward(model, batch, logits_to_keep=k).logits
+def window_logits(model, batch, k, kv="kv"):
+    """Logits of the last k positions only: the vocabulary is 150k-256k, the targets are ~30 tokens. The rows
+    continue the shared prefix whose keys and values are batch[kv], when there is one."""
+    if batch.get(kv) is None:
+        return C.forward(model, batch, logits_to_keep=k).logits
+    return C.forward_after(model, batch[kv], batch, logits_to_keep=k).logits
+
+
+def shared_prefix(tok, prompts, targets, model):
+    """Token ids that every chat-formatted prompt starts with (system prompt, user header: 24 of Qwen's ~75
+    tokens per example), leaving each row at least one token. None where a sliding window (Gemma) could reach
+    back past the prefix: the cached path counts the padding between prefix and row inside the window."""
+    ids = [tok(t, add_special_tokens=False)["input_ids"] for t in C.format_chat(tok, prompts)]
+    p = 0
+    while all(len(x) > p + 1 and x[p] == ids[0][p] for x in ids):
+        p += 1
+    window = getattr(getattr(model.config, "text_config", model.config), "sliding_window", None)
+    if p == 0 or (window and p + max(len(x) + len(y) for x, y in zip(ids, targets)) > window):
+        return None
+    return torch.tensor([ids[0][:p]], device=C.input_device(model))
 
 
 def ce_per_example(logits, batch):
@@ -146,7 +164,8 @@ def ce_per_example(logits, batch):
     k = logits.shape[1]
     labels = batch["input_ids"][:, -(k - 1):]
     is_target = torch.arange(k - 1, device=labels.device) >= (k - 1 - batch["n_target"])[:, None]
-    ce = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), labels, reduction="none")
+    # (rows x positions, vocab): log-softmax over a contiguous last dim (over a transposed one it is slower on CPU)
+    ce = F.cross_entropy(logits[:, :-1].float().flatten(0, 1), labels.flatten(), reduction="none").view(labels.shape)
     return (ce * is_target).sum(1) / is_target.sum(1)
 
 
@@ -176,7 +195,7 @@ def retain_loss(model, r, b):
     without autograd: no gradient flows back through it."""
     k = int(b["n_target"].max()) + 1
     with torch.no_grad():
-        clean = window_logits(model, b, k)
+        clean = window_logits(model, b, k, kv="clean_kv")
     with C.directional_ablation(model, r):
         return kl_per_example(clean, window_logits(model, b, k), b)
 
@@ -188,22 +207,41 @@ def loss_and_grad(model, tok, r, batch, alpha, layer, lambdas, micro_batch):
 
     Each loss is a mean over examples, so each runs over its own micro-batches of examples sorted by length:
     less padding, and the result does not depend on micro_batch. Backward after every micro-batch bounds memory.
+    The template's prefix that every prompt shares runs once per loss, under the loss's hooks; the rows continue
+    from its keys and values (leaves of their own), whose gradients go back through the prefix pass at the end.
     """
     device, n = C.input_device(model), len(batch)
     harm, safe, answer, refusal, retain = zip(*batch)
     n_tokens = {p: len(tok(p, add_special_tokens=False)["input_ids"]) for p in harm + safe}
     losses = {"abl": lambda b, r: ablation_loss(model, r, b), "add": lambda b, r: addition_loss(model, r, b, alpha, layer),
               "ret": lambda b, r: retain_loss(model, r, b)}
+    # the prefix runs under the same intervention as its loss's rows (the loss functions above apply them to those)
+    hooks = {"abl": lambda: C.directional_ablation(model, r), "ret": lambda: C.directional_ablation(model, r),
+             "add": lambda: C.activation_addition(model, alpha * r / r.norm(), layer)}
     sums = {}
     for key, prompts, targets in (("abl", harm, answer), ("add", safe, refusal), ("ret", safe, retain)):
         order = sorted(range(n), key=lambda i: n_tokens[prompts[i]] + len(targets[i]))
+        prefix = shared_prefix(tok, prompts, targets, model) if r.dim() == 1 else None  # one direction per row: no sharing
+        kv = leaves = clean = None
+        if prefix is not None:
+            with hooks[key]():
+                kv = C.prefix_kv(model, prefix)
+            leaves = [tuple(t.detach().requires_grad_(t.requires_grad) for t in pair) for pair in kv]
+            if key == "ret":
+                with torch.no_grad():
+                    clean = C.prefix_kv(model, prefix)
         sums[key] = 0.0
         for j in range(0, n, micro_batch):
             idx = order[j:j + micro_batch]
-            b = pack(tok, [prompts[i] for i in idx], [targets[i] for i in idx], device)
+            b = pack(tok, [prompts[i] for i in idx], [targets[i] for i in idx], device, 0 if prefix is None else prefix.shape[1])
+            b["kv"], b["clean_kv"] = leaves, clean
             per_example = losses[key](b, r if r.dim() == 1 else r[idx].unsqueeze(1))
             (lambdas[key] * per_example.sum() / n).backward()
             sums[key] += per_example.sum().item() / n
+        if kv is not None:
+            grads = [(t, leaf.grad) for pair, lp in zip(kv, leaves) for t, leaf in zip(pair, lp) if leaf.grad is not None]
+            if grads:
+                torch.autograd.backward([t for t, _ in grads], [g for _, g in grads])
     sums["loss"] = sum(lambdas[key] * sums[key] for key in lambdas)
     return sums
 

@@ -43,38 +43,15 @@ def parse_args(argv=None):
 
 # ----------------------------------------------------------------------------- the RepInd loss
 
-class _Enough(Exception):
-    """Raised by a hook at the first block we do not need: the rest of the forward pass is skipped."""
-
-
 def n_loss_layers(model, cutoff):
     return max(1, min(len(C.decoder_layers(model)), int(cutoff * len(C.decoder_layers(model)))))
 
 
 def last_token_inputs(model, batch, n_layers):
-    """Block inputs x_0 .. x_{n_layers-1} at the last position: (B, n_layers, d), in the model's dtype.
-
-    Inside an ablation context the capture hooks run after the ablation's (registered later), so they see
-    the ablated inputs x~, as in Definition 6.1. The forward pass stops at block n_layers.
-    """
-    blocks, seen, handles = C.decoder_layers(model), [], []
-
-    def capture(l):
-        def hook(module, args, kwargs):
-            if l == n_layers:
-                raise _Enough
-            seen.append((args[0] if args else kwargs["hidden_states"])[:, -1])
-        return hook
-
-    try:
-        for l, b in enumerate(blocks[:n_layers + 1]):
-            handles.append(b.register_forward_pre_hook(capture(l), with_kwargs=True))
+    """Block inputs x_0 .. x_{n_layers-1} at the last position: (B, n_layers, d), in the model's dtype; inside an
+    ablation context, the ablated inputs x~ (Definition 6.1). The forward pass stops at block n_layers."""
+    with C.block_inputs(model, -1, stop_at=n_layers) as seen:
         C.forward(model, batch, logits_to_keep=1)
-    except _Enough:
-        pass
-    finally:
-        for h in handles:
-            h.remove()
     return torch.stack(seen, 1)
 
 

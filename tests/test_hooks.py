@@ -195,3 +195,27 @@ def test_per_row_ablation_equals_each_row_ablated_alone():
         with C.directional_ablation(model, dirs[i]):
             alone = C.forward(model, batch).logits
         assert torch.allclose(both[i], alone[i], atol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma2"])
+def test_block_inputs_are_the_hidden_states_and_stop_early(family):
+    """block_inputs records x_l = hidden_states[l] at the position, one pass per clear; stop_at=L ends the pass
+    before block L runs (and the with block with it); every hook is removed afterwards."""
+    model, tok = make_model(family)
+    batch = C.tokenize(tok, PROMPTS)
+    with torch.no_grad():
+        hidden = C.forward(model, batch, output_hidden_states=True).hidden_states
+        with C.block_inputs(model, position=-2) as seen:
+            C.forward(model, batch)
+            assert len(seen) == len(C.decoder_layers(model))
+            for l, x in enumerate(seen):
+                torch.testing.assert_close(x, hidden[l][:, -2])
+        ran, after_forward = [], []
+        handle = C.decoder_layers(model)[1].register_forward_hook(lambda *a: ran.append(1))  # after block 1 ran
+        with C.block_inputs(model, stop_at=1) as seen:
+            C.forward(model, batch)
+            after_forward.append(1)  # never reached: the stop ends the with block
+        handle.remove()
+    assert len(seen) == 1 and not ran and not after_forward
+    torch.testing.assert_close(seen[0], hidden[0][:, -1])
+    assert all(not b._forward_pre_hooks for b in C.decoder_layers(model))
