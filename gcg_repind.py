@@ -27,13 +27,15 @@ greedy completion with the suffix, and the per-layer cosine with the direction b
 where 128 candidates of a 0.5B model already take 6 GB); it halves on CUDA out-of-memory.
 --harmless, --n-train, --n-val and --harmless-val are not used here.
 """
-import argparse, copy, inspect, math, os, re, time
+import argparse, contextlib, copy, math, os, re, time
 
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 import common as C
+
+SHARE_GROUPS = 4  # candidate batches per step at least: 4 keep 3/4 of the shared-token saving (see candidate_losses)
 
 
 def parse_args(argv=None):
@@ -119,52 +121,48 @@ def make_context(model, before, after, target, use_cache=True):
     if use_cache:
         from transformers import DynamicCache
         ctx["cache"] = DynamicCache(config=model.config)
-        model(input_ids=ctx["before"][None], use_cache=True, logits_to_keep=1, **{cache_kwarg(model): ctx["cache"]})
+        decoder = model.get_decoder()  # no logits needed (and on CPU a one-position LM head copies its weight)
+        decoder(input_ids=ctx["before"][None], use_cache=True, **{C.cache_kwarg(decoder): ctx["cache"]})
     return ctx
 
 
-def cache_kwarg(model):
-    """transformers 5.24 renamed the forward's `past_key_values` to `cache` (the old name warns until 5.40)."""
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+def batch_cache(model, ctx, head, n):
+    """A copy of the prefix cache for n rows, extended by `head`, suffix tokens that every row shares (run once
+    here, not once per row). A copy: the forward pass appends to the cache it is given, so the prefix itself must
+    never be passed (it is reused by the gradient pass and every candidate batch)."""
+    cache = copy.deepcopy(ctx["cache"])
+    if len(head):
+        decoder, start = model.get_decoder(), len(ctx["before"])
+        decoder(input_ids=head[None], position_ids=torch.arange(start, start + len(head), device=head.device)[None],
+                use_cache=True, **{C.cache_kwarg(decoder): cache})
+    cache.batch_repeat_interleave(n)
+    return cache
 
 
-def batch_cache(cache, n):
-    """A copy of the prefix cache for n rows: the forward pass appends to the cache it is given, so the prefix
-    itself must never be passed (it is reused by the gradient pass and every candidate batch)."""
-    c = copy.deepcopy(cache)
-    c.batch_repeat_interleave(n)
-    return c
-
-
-def suffix_losses(model, ctx, suffix, unit=None):
+def suffix_losses(model, ctx, suffix, unit=None, head=None):
     """CE of the target (B,), per-layer cosine with `unit` at the last prompt token (B, layers) or None, and
     for a single suffix whether the target is the greedy output ((1,), else None), for a batch of suffixes: (B, L) token ids, or (B, L, d) input
-    embeddings (the gradient pass). Differentiable w.r.t. embeddings.
+    embeddings (the gradient pass). Differentiable w.r.t. embeddings. `head` (ids): the suffix's first tokens,
+    the same in every row, which `suffix` then leaves out (candidate batches share them: see candidate_losses).
 
-    The sequence after the cached prefix is [suffix, rest of the template, target without its last token]; its
-    positions continue after the prefix. The last prompt token, whose activations Figure 9 shows, is the last
+    The sequence after the cached prefix is [head, suffix, rest of the template, target without its last token];
+    its positions continue after the prefix. The last prompt token, whose activations Figure 9 shows, is the last
     template token: T positions from the end (it predicts the first target token).
     """
     emb = model.get_input_embeddings()
     x = emb(suffix) if suffix.dim() == 2 else suffix
     B, T = x.shape[0], len(ctx["target"])
+    head = ctx["before"][:0] if head is None else head
     parts = [x, emb(ctx["rest"])[None].expand(B, -1, -1)]
     if ctx["cache"] is None:
-        parts.insert(0, emb(ctx["before"])[None].expand(B, -1, -1))
+        parts.insert(0, emb(torch.cat([ctx["before"], head]))[None].expand(B, -1, -1))
     x = torch.cat(parts, 1)
-    start = 0 if ctx["cache"] is None else len(ctx["before"])
+    start = 0 if ctx["cache"] is None else len(ctx["before"]) + len(head)
     pos = torch.arange(start, start + x.shape[1], device=x.device)[None].expand(B, -1)
-    seen = []
-
-    def capture(module, args, kwargs):
-        seen.append((args[0] if args else kwargs["hidden_states"])[:, -T])
-
-    regs = [] if unit is None else [(lambda h, b=b: b.register_forward_pre_hook(h, with_kwargs=True), capture)
-                                    for b in C.decoder_layers(model)]
-    cache = None if ctx["cache"] is None else batch_cache(ctx["cache"], B)
-    with C.hooks(regs):
+    cache = None if ctx["cache"] is None else batch_cache(model, ctx, head, B)
+    with C.block_inputs(model, -T) if unit is not None else contextlib.nullcontext([]) as seen:
         logits = model(inputs_embeds=x, position_ids=pos, use_cache=cache is not None, logits_to_keep=T,
-                       **{cache_kwarg(model): cache}).logits
+                       **{C.cache_kwarg(model): cache}).logits
     target = ctx["target"][None].expand(B, -1)
     up = lambda t: t.double() if t.dtype == torch.float64 else t.float()  # bf16 -> fp32; fp64 stays (tests)
     # (B*T, V) rows: log-softmax over a contiguous last dim (over a transposed one it is several times slower on CPU)
@@ -214,23 +212,34 @@ def retokenizes(tok, cand):
 
 
 @torch.no_grad()
-def candidate_losses(model, ctx, cand, unit, weight, batch_size):
+def candidate_losses(model, ctx, ids, cand, unit, weight, batch_size):
     """Total, CE and mean-cosine loss of every candidate, in batches that halve on out-of-memory.
-    Returns them with the batch size that fitted (the next step starts there)."""
-    out, i = [], 0
+    Returns them with the batch size that fitted (the next step starts there).
+
+    Each candidate is the current suffix `ids` with one position p swapped, so its tokens before p are the current
+    suffix's: candidates sorted by p run in (at least SHARE_GROUPS) batches, and a batch whose smallest p is s runs
+    ids[:s] once into the cache and only its rows' tokens from s on (on average a quarter fewer tokens)."""
+    p = (cand != ids.cpu()).int().argmax(1)  # the swapped position (0 for an unchanged copy)
+    order = p.argsort(stable=True)
+    cand, p = cand[order], p[order]
+    out, i, dev = [], 0, C.input_device(model)
     while i < len(cand):
+        n = min(batch_size, math.ceil(len(cand) / SHARE_GROUPS))
+        s = int(p[i])
         try:
-            ce, cos, _ = suffix_losses(model, ctx, cand[i:i + batch_size].to(C.input_device(model)), unit)
+            ce, cos, _ = suffix_losses(model, ctx, cand[i:i + n, s:].to(dev), unit, head=ids[:s].to(dev))
         except torch.OutOfMemoryError:
             if batch_size == 1:
                 raise
-            batch_size //= 2
+            batch_size = max(1, min(batch_size, n) // 2)
             torch.cuda.empty_cache()
             tqdm.write(f"out of memory: candidate batch size now {batch_size}")
             continue
         out.append(torch.stack([total_loss(ce, cos, weight), ce, ce * 0 if cos is None else cos.mean(1)], 1).cpu())
-        i += batch_size
-    return torch.cat(out), batch_size
+        i += n
+    losses = torch.empty(len(cand), 3)
+    losses[order] = torch.cat(out)
+    return losses, batch_size
 
 
 def gcg_step(model, tok, ctx, ids, unit, weight, args, forbidden, gen, batch_size):
@@ -242,7 +251,7 @@ def gcg_step(model, tok, ctx, ids, unit, weight, args, forbidden, gen, batch_siz
     cand = cand[retokenizes(tok, cand)]
     if len(cand) == 0:
         raise C.RefusalError("no candidate survives decode/re-encode: try --init with another word")
-    losses, batch_size = candidate_losses(model, ctx, cand, unit, weight, batch_size)
+    losses, batch_size = candidate_losses(model, ctx, ids, cand, unit, weight, batch_size)
     best = int(losses[:, 0].argmin())
     return cand[best], losses[best].tolist(), now, batch_size
 

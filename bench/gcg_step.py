@@ -96,7 +96,7 @@ def child(variant, dtype, args):
     g, n = torch.Generator().manual_seed(1), args.n_fixed  # fixed candidates, the same in both processes
     fixed = ids.repeat(n, 1)
     fixed[torch.arange(n), torch.randint(0, len(ids), (n,), generator=g)] = allowed[torch.randint(0, len(allowed), (n,), generator=g)]
-    fixed_losses = G.candidate_losses(model, ctx, fixed, unit, args.repind_weight, args.batch_size)[0][:, 0].tolist()
+    fixed_losses = G.candidate_losses(model, ctx, ids, fixed, unit, args.repind_weight, args.batch_size)[0][:, 0].tolist()
     print(json.dumps({"variant": variant, "dtype": dtype, "device": str(dev), "seconds": median([w for w, _ in times[1:]]),
                       "cpu_seconds": median([c for _, c in times[1:]]),
                       "peak_mb": peak - base, "loss_now": now["ce"] + args.repind_weight * (now["cos"] or 0.0),

@@ -190,3 +190,24 @@ def test_errors(tiny_dir, tmp_path, direction_file):
     (tmp_path / "gcg.json").write_text("{}")
     with pytest.raises(C.RefusalError, match="--overwrite"):
         G.main(base + ["--direction", direction_file])
+
+
+@pytest.mark.parametrize("family", ["qwen2", "gemma2"])
+def test_candidates_sharing_the_suffix_head_give_their_own_losses(family):
+    """candidate_losses runs candidates sorted by their swapped position in batches that share the current
+    suffix's tokens before it: each candidate's losses equal its own full pass, in the candidates' order, with or
+    without the cache, whatever the batch size."""
+    model, tok, before, after, target, ids = setup(family)
+    unit = F.normalize(torch.randn(C.hidden_size(model)), dim=0)
+    g = torch.Generator().manual_seed(0)
+    cand = ids.repeat(9, 1)
+    cand[torch.arange(9), torch.randint(0, len(ids), (9,), generator=g)] = torch.randint(40, 120, (9,), generator=g)
+    cand[4] = ids  # an unchanged copy
+    full = G.make_context(model, before, after, target, use_cache=False)
+    ce, cos, _ = G.suffix_losses(model, full, cand, unit)
+    want = torch.stack([G.total_loss(ce, cos, 2.0), ce, cos.mean(1)], 1)
+    for use_cache in (True, False):
+        ctx = G.make_context(model, before, after, target, use_cache=use_cache)
+        for batch_size in (1, 2, 16):
+            got, _ = G.candidate_losses(model, ctx, ids, cand, unit, 2.0, batch_size)
+            torch.testing.assert_close(got, want.float(), atol=1e-5, rtol=1e-5)
