@@ -259,3 +259,20 @@ def test_checkpoint_of_other_settings_is_refused(tmp_path):
     assert C.load_checkpoint(path, {"lr": 0.01})["step"] == 3
     with pytest.raises(C.RefusalError, match="other settings.*--overwrite"):
         C.load_checkpoint(path, {"lr": 0.1})
+
+
+@pytest.mark.parametrize("rows", [1, 3])
+def test_the_unembedding_gets_a_densely_strided_input_and_the_same_logits(tiny_dir, rows):
+    """load_model's hook hands the LM head a dense copy of the logits_to_keep slice (a strided one takes a
+    slow, weight-copying matmul path on CPU; with one row .contiguous() would not copy it) without changing
+    the logits."""
+    model, tok = C.load_model(tiny_dir, "cpu", "float32")
+    seen = []
+    model.get_output_embeddings().register_forward_pre_hook(lambda m, a: seen.append(a[0]))
+    ids = torch.randint(5, 60, (rows, 7))
+    with torch.no_grad():
+        full = model(input_ids=ids).logits
+        kept = model(input_ids=ids, logits_to_keep=3).logits
+    x = seen[-1]
+    assert x.shape == (rows, 3, C.hidden_size(model)) and x.stride() == (3 * x.shape[2], x.shape[2], 1)
+    torch.testing.assert_close(kept, full[:, -3:], rtol=1e-5, atol=1e-5)
