@@ -47,7 +47,8 @@ def parse_args(argv=None):
     a("--direction", nargs="+", required=True, metavar="FILE", help="dim/rdo/rco/repind .safetensors results")
     a("--alpha", type=float, default=None, help="addition/subtraction strength (default: the sidecar's alpha, else the norm)")
     a("--layer", type=int, default=None, help="addition/subtraction layer (default: the sidecar's layer)")
-    a("--max-new-tokens", type=int, default=512, help="greedy tokens per completion (default: 512, the paper's; induce with 0: refusal scores only)")
+    a("--max-new-tokens", type=int, default=512,
+      help="greedy tokens per completion (default: 512, the paper's; induce with 0: refusal scores only)")
     p = argparse.ArgumentParser(description=__doc__, formatter_class=C.HelpFormatter)
     sub = p.add_subparsers(dest="mode", required=True, metavar="MODE")
 
@@ -75,26 +76,22 @@ def parse_args(argv=None):
 
 # ----------------------------------------------------------------------------- shared plumbing
 
-NEEDS = {"asr": ["harmful"], "induce": ["harmless"], "kl": ["harmless"], "cosine": ["harmful"], "cone": ["harmful"],
-         "compose": ["harmful"], "export": ["harmless"]}
-
-
-def eval_prompts(spec, val_spec, n, seed):
-    """An evaluation set: a named set's held-out split, or a local file as it is (its first n)."""
-    src = val_spec or spec
-    return C.get_prompts(src, 0, n, seed=seed)[1] if src in C.NAMED_SETS else C.load_instructions(src)[:n]
-
-
 def load_data(args):
-    """The prompts this mode needs, loaded before the model so that a bad file fails fast."""
-    sets = {"harmful": (args.harmful, args.harmful_val), "harmless": (args.harmless, args.harmless_val),
-            "benign": (getattr(args, "benign", None), None)}
-    need = NEEDS[args.mode] + (["harmful", "benign"] if getattr(args, "benign", None) else [])
-    return {k: eval_prompts(*sets[k], args.n_val, args.seed) for k in need}
+    """The prompts this mode needs, loaded before the model so that a bad file fails fast: a named set's held-out
+    split, or a local file as it is (its first --n-val)."""
+    benign = getattr(args, "benign", None)
+    sources = {"harmful": args.harmful_val or args.harmful, "harmless": args.harmless_val or args.harmless, "benign": benign}
+    need = ["harmless"] if args.mode in ("induce", "kl", "export") else ["harmful"]
+    if benign:  # Figure 22 also scores the harmful set
+        need += ["harmful", "benign"]
+
+    def load(src):
+        return C.get_prompts(src, 0, args.n_val, seed=args.seed)[1] if src in C.NAMED_SETS else C.load_instructions(src)[:args.n_val]
+    return {k: load(sources[k]) for k in need}
 
 
 def load_directions(args, model):
-    """Each --direction file as a dict: label (the method, or the file name), vec, alpha, layer."""
+    """Each --direction file as a dict: label (the method, or the file name), path, vec, alpha, layer."""
     dirs, labels = [], set()
     for path in args.direction:
         vec, meta = C.load_direction(path, model)
@@ -103,9 +100,9 @@ def load_directions(args, model):
             label = f"{label} ({os.path.basename(os.path.dirname(os.path.abspath(path)))})"
         labels.add(label)
         vec = vec.float()
-        alpha = args.alpha if args.alpha is not None else meta.get("alpha") or (vec.norm().item() if vec.dim() == 1 else None)
-        dirs.append({"label": label, "path": path, "vec": vec, "alpha": alpha,
-                     "layer": args.layer if args.layer is not None else meta.get("layer")})
+        alpha = meta.get("alpha") or (vec.norm().item() if vec.dim() == 1 else None)
+        dirs.append({"label": label, "path": path, "vec": vec, "alpha": alpha if args.alpha is None else args.alpha,
+                     "layer": meta.get("layer") if args.layer is None else args.layer})
     return dirs
 
 
@@ -120,11 +117,6 @@ def unit(d, model=None):
     return d["vec"] / d["vec"].norm()
 
 
-def completions(model, tok, prompts, args, ctx=None, desc="generate"):
-    with ctx or contextlib.nullcontext():
-        return C.generate(model, tok, prompts, args.max_new_tokens, args.batch_size, desc)
-
-
 def judged(texts, prompts=None, judge=None):
     """Refusal rate and ASR of completions by the substring judge (and the classifier judge when given)."""
     refused = [C.is_refusal(t) for t in texts]
@@ -134,6 +126,13 @@ def judged(texts, prompts=None, judge=None):
         harmful = judge(prompts, texts)
         r.update(asr_judge=sum(harmful) / max(len(harmful), 1), judge_harmful=harmful)
     return r
+
+
+def rates(model, tok, prompts, args, ctx=None, desc="generate", judge=None):
+    """judged() of greedy completions generated under ctx (an intervention's hooks, or none)."""
+    with ctx or contextlib.nullcontext():
+        texts = C.generate(model, tok, prompts, args.max_new_tokens, args.batch_size, desc)
+    return judged(texts, prompts, judge)
 
 
 def plot(path, panels):
@@ -165,9 +164,9 @@ def plot(path, panels):
 
 
 def table(rows):
-    """A markdown table of rows (dicts; the union of their keys as columns)."""
+    """A markdown table of rows (dicts): the union of their keys as columns, less those that are always None."""
     keys = [k for k in dict.fromkeys(k for r in rows for k in r) if any(r.get(k) is not None for r in rows)]
-    fmt = lambda v: (f"{v:.3f}" if v == 0 or abs(v) >= 1e-3 else f"{v:.1e}") if isinstance(v, float) else "" if v is None else str(v)
+    fmt = lambda v: "" if v is None else (f"{v:.3f}" if v == 0 or abs(v) >= 1e-3 else f"{v:.1e}") if isinstance(v, float) else str(v)
     return "\n".join(["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
                      + ["| " + " | ".join(fmt(r.get(k)) for k in keys) + " |" for r in rows])
 
@@ -207,12 +206,12 @@ def load_judge(name, device, batch_size):
 def mode_asr(model, tok, args, dirs, data):
     harm = data["harmful"]
     judge = load_judge(args.judge, C.input_device(model), args.batch_size) if args.judge else None
-    gen = lambda ctx, desc: judged(completions(model, tok, harm, args, ctx, desc), harm, judge)
+    gen = lambda ctx, desc: rates(model, tok, harm, args, ctx, desc, judge)
     res = {"baseline": gen(None, "baseline")}
     for d in dirs:
-        u = unit(d, model)
-        res[f"{d['label']} ablation"] = gen(C.directional_ablation(model, u), f"{d['label']} ablated")
-        res[f"{d['label']} subtraction"] = gen(C.activation_addition(model, -d["alpha"] * u, d["layer"]), f"{d['label']} subtracted")
+        u, name = unit(d, model), d["label"]
+        res[f"{name} ablation"] = gen(C.directional_ablation(model, u), f"{name} ablated")
+        res[f"{name} subtraction"] = gen(C.activation_addition(model, -d["alpha"] * u, d["layer"]), f"{name} subtracted")
     rows = [{"intervention": k, "refusal": v["refusal_rate"], "ASR": v["asr"], "ASR (judge)": v.get("asr_judge")} for k, v in res.items()]
     panels = [("bar", {r["intervention"]: r["ASR"] for r in rows}, dict(ylabel="ASR (substring judge)", ylim=(0, 1)))]
     return {"results": res, "judge": args.judge if judge else None, "table": rows}, panels
@@ -228,7 +227,7 @@ def mode_induce(model, tok, args, dirs, data):
         with ctx:
             r = {"refusal_score": score(data["harmless"])}
             if args.max_new_tokens:  # --max-new-tokens 0: refusal scores only (a cheap alpha sweep)
-                r.update(judged(completions(model, tok, data["harmless"], args, desc=label)))
+                r.update(rates(model, tok, data["harmless"], args, desc=label))
             if "benign" in data:  # Figure 22: refuse harmful prompts more, benign-but-scary ones not
                 r.update(harmful_refusal_score=score(data["harmful"]), benign_refusal_score=score(data["benign"]))
         return r
@@ -276,10 +275,9 @@ def mode_kl(model, tok, args, dirs, data):
     ce_base = answer_ce(model, tok, p, a)
     res = {"baseline": {"kl": 0.0, "ce": sum(ce_base) / len(ce_base), "ce_per_prompt": ce_base}}
     for d in dirs:
-        ablate = lambda: C.directional_ablation(model, d["vec"])
-        with ablate():
+        with C.directional_ablation(model, d["vec"]):
             logits = C.last_logits(model, tok, safe, args.batch_size)
-        ce = answer_ce(model, tok, p, a, ablate())
+        ce = answer_ce(model, tok, p, a, C.directional_ablation(model, d["vec"]))
         res[d["label"]] = {"kl": C.kl_last(base, logits), "ce": sum(ce) / len(ce), "ce_per_prompt": ce}
     for r in res.values():
         r["ce_increase"] = r["ce"] - res["baseline"]["ce"]
@@ -292,10 +290,6 @@ def mode_kl(model, tok, args, dirs, data):
 
 # ----------------------------------------------------------------------------- cosine
 
-def read_suffix(s):
-    return json.load(open(s))["suffix"] if s and s.endswith(".json") and os.path.isfile(s) else s
-
-
 def mode_cosine(model, tok, args, dirs, data):
     harm, labels = data["harmful"], [d["label"] for d in dirs]
     vecs = torch.stack([unit(d) for d in dirs])
@@ -304,7 +298,9 @@ def mode_cosine(model, tok, args, dirs, data):
     for d, v in zip(dirs, vecs):
         with C.directional_ablation(model, v):
             res[f"{d['label']} ablated"] = curves(harm)
-    suffix = read_suffix(args.suffix)
+    suffix = args.suffix
+    if suffix and suffix.endswith(".json") and os.path.isfile(suffix):  # gcg.py's result
+        suffix = json.load(open(suffix))["suffix"]
     if suffix:  # Figure 9: does the suffix lower the direction's presence?
         res["with suffix"] = curves([f"{p} {suffix}" for p in harm])
     rows = [{"condition": c, "cosine with": k, "mean over layers": sum(v) / len(v), "max": max(v),
@@ -344,18 +340,18 @@ def sample(model, tok, prompts, temperature, max_new_tokens, batch_size):
 
 def mode_cone(model, tok, args, dirs, data):
     harm, n = data["harmful"], args.n_samples
-    ns = sorted({2 ** i for i in range(n.bit_length()) if 2 ** i <= n} | {n})
+    ns = sorted({2 ** i for i in range(n.bit_length())} | {n})
     cones, singles = [d for d in dirs if d["vec"].dim() == 2], [d for d in dirs if d["vec"].dim() == 1]
     if not cones:
         raise C.RefusalError("cone: give at least one cone basis (rco.safetensors, tensor `basis` (k, d))")
     res, rows = {}, []
 
-    def add(key, name, runs, **extra):
+    def add(key, name, runs, **extra):  # one result and table row per cone, and per (direction, temperature)
         res[key] = {**extra, "asr": [r["asr"] for r in runs], "runs": runs, "best_of_n": best_of_n([r["refused"] for r in runs], ns)}
         rows.append({"tries": name, **{f"best of {m}": v for m, v in res[key]["best_of_n"].items()}})
     for d in cones:
         s, samples = cone_samples(d["vec"], n, args.seed)
-        runs = [judged(completions(model, tok, harm, args, C.directional_ablation(model, r), f"{d['label']} sample {i}"))
+        runs = [rates(model, tok, harm, args, C.directional_ablation(model, r), f"{d['label']} sample {i}")
                 for i, r in enumerate(samples)]
         q = torch.quantile(torch.tensor([r["asr"] for r in runs]), torch.tensor([0.0, 0.25, 0.5, 0.75, 1.0])).tolist()
         add(d["label"], f"{d['label']} cone (k={len(d['vec'])})", runs, k=len(d["vec"]), coefficients=s.tolist(), quartiles=q)
@@ -379,19 +375,22 @@ def mode_cone(model, tok, args, dirs, data):
 
 def mode_compose(model, tok, args, dirs, data):
     harm = data["harmful"]
-    res = {"baseline": {"k": 0, **judged(completions(model, tok, harm, args, desc="baseline"))}}
+    res = {"baseline": {"k": 0, **rates(model, tok, harm, args, desc="baseline")}}
+    curves = {}  # a set's ASR against k
     for d in dirs:
-        k_max = 1 if d["vec"].dim() == 1 else d["vec"].shape[0]
-        for k in range(1, k_max + 1):  # the top-k directions ablated together: the subspace they span
-            vec = d["vec"] if d["vec"].dim() == 1 else d["vec"][:k]
-            key = d["label"] if d["vec"].dim() == 1 else f"{d['label']} top-{k}"
-            res[key] = {"k": k, **judged(completions(model, tok, harm, args, C.directional_ablation(model, vec), key))}
+        if d["vec"].dim() == 1:
+            ablations = [(d["label"], d["vec"])]
+        else:  # the top-k directions ablated together: the subspace they span
+            ablations = [(f"{d['label']} top-{k}", d["vec"][:k]) for k in range(1, len(d["vec"]) + 1)]
+        for k, (key, vec) in enumerate(ablations, 1):
+            res[key] = {"k": k, **rates(model, tok, harm, args, C.directional_ablation(model, vec), key)}
+        if d["vec"].dim() == 2:
+            curves[f"{d['label']} top-k"] = (range(1, len(ablations) + 1), [res[key]["asr"] for key, _ in ablations])
     rows = [{"ablated": key, "k": r["k"], "refusal": r["refusal_rate"], "ASR": r["asr"]} for key, r in res.items()]
-    k_max = max(r["k"] for r in res.values())  # single directions and the baseline as flat lines
-    series = {k: ([1, k_max], [r["asr"]] * 2) for k, r in res.items() if " top-" not in k}
-    series.update({f"{d['label']} top-k": (range(1, len(d["vec"]) + 1), [res[f"{d['label']} top-{k}"]["asr"] for k in range(
-        1, len(d["vec"]) + 1)]) for d in dirs if d["vec"].dim() == 2})
-    return {"results": res, "table": rows}, [("line", series, dict(xticks=range(1, k_max + 1), xlabel="k directions ablated together", ylabel="ASR", ylim=(0, 1)))]
+    k_max = max(r["k"] for r in res.values())  # the baseline and single directions as flat lines
+    series = {key: ([1, k_max], [r["asr"]] * 2) for key, r in res.items() if " top-" not in key} | curves
+    settings = dict(xticks=range(1, k_max + 1), xlabel="k directions ablated together", ylabel="ASR", ylim=(0, 1))
+    return {"results": res, "table": rows}, [("line", series, settings)]
 
 
 # ----------------------------------------------------------------------------- export
@@ -449,9 +448,10 @@ def mode_export(model, tok, args, dirs, data):
     exact = not hasattr(C.decoder_layers(model)[0], "post_feedforward_layernorm")
     model.save_pretrained(folder)
     tok.save_pretrained(folder)
-    print(f"exported {type(model).__name__} with {len(vecs)} direction(s) orthogonalised out to {folder}; "
-          + ("exact up to rounding" if exact else "APPROXIMATE for Gemma 2/3 (the post-norms after o_proj/down_proj "
-             "re-introduce the direction)") + f": max |logit difference| vs hook-based ablation {diff:.3g} on {len(check)} prompts")
+    how = "exact up to rounding" if exact else \
+        "APPROXIMATE for Gemma 2/3 (the post-norms after o_proj/down_proj re-introduce the direction)"
+    print(f"exported {type(model).__name__} with {len(vecs)} direction(s) orthogonalised out to {folder}; {how}: "
+          f"max |logit difference| vs hook-based ablation {diff:.3g} on {len(check)} prompts")
     lm = run_lm_eval(folder, args.lm_eval, C.input_device(model)) if args.lm_eval else None
     rows = [{"export": folder, "directions": len(vecs), "exact": exact, "max logit diff vs hooks": diff}]
     return {"folder": folder, "exact": exact, "max_logit_diff": diff, "n_check": len(check), "lm_eval": lm, "table": rows}, None
