@@ -292,7 +292,7 @@ def directional_ablation(model, directions):
         if key not in cache:
             cache[key] = q.to(x.device, x.dtype)
         qq = cache[key]
-        if per_row:
+        if per_row or len(qq) == 1:  # elementwise: on CPU a one-column matmul pays oneDNN's set-up per new shape
             return x - (x * qq).sum(-1, keepdim=True) * qq
         return x - (x @ qq.T) @ qq
 

@@ -27,6 +27,7 @@ matplotlib; DIR = --out (default runs/<model-name>/eval). MODE --help lists a mo
 import argparse, contextlib, importlib.util, json, os, subprocess, sys, time
 
 import torch
+from tqdm.auto import tqdm
 
 import common as C
 import rco
@@ -257,7 +258,7 @@ def answer_ce(model, tok, prompts, answers, ctx=None, micro_batch=4):
     Small micro-batches: the logits of every answer position over a 150k vocabulary are large."""
     order, out = sorted(range(len(prompts)), key=lambda i: len(answers[i])), {}
     with ctx or contextlib.nullcontext():
-        for j in range(0, len(order), micro_batch):
+        for j in tqdm(range(0, len(order), micro_batch), desc="answer CE", leave=False):
             idx = order[j:j + micro_batch]
             b = rdo.pack(tok, [prompts[i] for i in idx], [answers[i] for i in idx], C.input_device(model))
             out.update(zip(idx, rdo.ce_per_example(rdo.window_logits(model, b, int(b["n_target"].max()) + 1), b).tolist()))
@@ -352,7 +353,7 @@ def mode_cone(model, tok, args, dirs, data):
     for d in cones:
         s, samples = cone_samples(d["vec"], n, args.seed)
         runs = [rates(model, tok, harm, args, C.directional_ablation(model, r), f"{d['label']} sample {i}")
-                for i, r in enumerate(samples)]
+                for i, r in enumerate(tqdm(samples, desc=f"{d['label']}: sampled directions"))]
         q = torch.quantile(torch.tensor([r["asr"] for r in runs]), torch.tensor([0.0, 0.25, 0.5, 0.75, 1.0])).tolist()
         add(d["label"], f"{d['label']} cone (k={len(d['vec'])})", runs, k=len(d["vec"]), coefficients=s.tolist(), quartiles=q)
         rows[-1].update(min=q[0], median=q[2], max=q[4])
@@ -361,7 +362,7 @@ def mode_cone(model, tok, args, dirs, data):
         for t in args.temperatures:
             runs = []
             with C.directional_ablation(model, u):
-                for i in range(n):
+                for i in tqdm(range(n), desc=f"{d['label']} T={t:g}: samples"):
                     torch.manual_seed(args.seed + i)
                     runs.append(judged(sample(model, tok, harm, t, args.max_new_tokens, args.batch_size)))
             add(f"{d['label']} T={t:g}", f"{d['label']} T={t:g}", runs, temperature=t)
