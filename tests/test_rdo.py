@@ -232,19 +232,20 @@ def test_the_shared_prefix_changes_nothing(family, monkeypatch):
     real_config = conftest.make_config
     monkeypatch.setattr(conftest, "make_config", lambda *a, **k: setattr(c := real_config(*a, **k), "sliding_window", 512) or c)
     model, tok = make_model(family)
+    model.double()  # float64: fp32 rounding moves the small retain KL by ~1e-4 (relative) between the two paths
     tg = {"answer": [[40, 41, 42], [43, 44], [45, 46]], "refusal": [[45], [46, 47, 48, 49], [50]],
           "retain": [[50, 51], [52, 53, 54], [55]]}
     batch = list(zip(HARMFUL[:3], HARMLESS[:3], tg["answer"], tg["refusal"], tg["retain"]))
     lam = {"abl": 1.0, "add": 0.2, "ret": 1.0}
     assert rdo.shared_prefix(tok, HARMFUL[:3], tg["answer"], model).shape[1] == 3  # <s>, user header, newline
-    r = torch.randn(C.hidden_size(model))
+    r = torch.randn(C.hidden_size(model), dtype=torch.float64)
     r1, r2 = r.clone().requires_grad_(True), r.clone().requires_grad_(True)
     shared = rdo.loss_and_grad(model, tok, r1, batch, 3.0, 1, lam, 2)
     monkeypatch.setattr(rdo, "shared_prefix", lambda *a: None)
     full = rdo.loss_and_grad(model, tok, r2, batch, 3.0, 1, lam, 2)
     for k in ("abl", "add", "ret"):
-        assert shared[k] == pytest.approx(full[k], rel=1e-5, abs=1e-7)  # ret is a KL of ~1e-4: fp32 rounding
-    torch.testing.assert_close(r1.grad, r2.grad, rtol=1e-4, atol=1e-7)
+        assert shared[k] == pytest.approx(full[k], rel=1e-6, abs=1e-9)
+    torch.testing.assert_close(r1.grad, r2.grad, rtol=1e-5, atol=1e-9)
 
 
 def test_same_seed_same_direction_other_seed_another(setup):
