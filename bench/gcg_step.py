@@ -4,6 +4,7 @@
   uncached  --no-cache: every pass runs the whole sequence
   nanogcg   nanoGCG 0.3.0 (PyPI) at the same settings, plain GCG (no RepInd term); best in its own venv with the
             transformers it pins (4.47.1), where its prefix cache works: --nanogcg-python VENV/bin/python
+            (nanogcg-nocache: the same without its prefix cache)
 One step = gradient pass + search-width candidates (top-k per position) + retokenization filter + all candidates'
 losses, with the RepInd term on (DIM direction, --repind-weight 1) or off (0). Each variant runs in its own process
 (so that peak memory is its own): load, one warm-up step, --repeats timed steps (median; wall and process CPU
@@ -14,7 +15,7 @@ differently for different shapes).
 
   python bench/gcg_step.py [--dtypes bfloat16 float32] [--search-width 128] [--topk 64] [--batch-size 128]
   python bench/gcg_step.py --random-weights CONFIG_DIR --device cuda    # speed only: Qwen's shape, random weights
-  python bench/gcg_step.py --repind-weight 0 --variants uncached cached nanogcg --nanogcg-python VENV/bin/python
+  python bench/gcg_step.py --repind-weight 0 --variants uncached cached nanogcg --nanogcg-python VENV/bin/python --rounds 3
 """
 import argparse, json, os, subprocess, sys, time
 from types import SimpleNamespace
@@ -63,8 +64,8 @@ def child(variant, dtype, args):
     else:
         unit = torch.nn.functional.normalize(C.load_direction(DIM, model)[0].float(), dim=0)
     unit = unit.to(dev) if args.repind_weight else None  # weight 0: plain GCG, no hooks
-    if variant == "nanogcg":
-        return nanogcg_child(model, tok, dtype, args)
+    if variant.startswith("nanogcg"):
+        return nanogcg_child(model, tok, dtype, args, cache=variant == "nanogcg")
     before, after = G.split_template(tok, PROMPT)
     target = tok(G.default_target(PROMPT), add_special_tokens=False)["input_ids"]
     forbidden = G.forbidden_ids(tok, model.get_input_embeddings().weight.shape[0])
@@ -104,7 +105,7 @@ def child(variant, dtype, args):
                       "prefix_tokens": len(before), "rest_tokens": len(after) + len(target) - 1}))
 
 
-def nanogcg_child(model, tok, dtype, args):
+def nanogcg_child(model, tok, dtype, args, cache):
     """nanoGCG (PyPI nanogcg 0.3.0) at the same settings, 1 + repeats steps, each step timed inside its loop.
     Plain GCG: it has no RepInd term. Peak memory only on CUDA (its run includes its own setup)."""
     import nanogcg, nanogcg.gcg, transformers
@@ -120,23 +121,23 @@ def nanogcg_child(model, tok, dtype, args):
         stamps.append((time.time(), time.process_time()))
 
     nanogcg.gcg.tqdm = timed
-    for cache in (True, False):  # its prefix cache expects the old tuple cache format: fails on transformers 5
-        variant = f"nanogcg{'' if cache else '-nocache'}"
-        try:
-            stamps.clear()
-            cfg = nanogcg.GCGConfig(num_steps=1 + args.repeats, search_width=args.search_width, topk=args.topk, seed=0,
-                                    use_prefix_cache=cache, verbosity="WARNING", batch_size=args.batch_size)
-            if dev.type == "cuda":
-                torch.cuda.reset_peak_memory_stats()
-            res = nanogcg.run(model, tok, PROMPT + " {optim_str}", G.default_target(PROMPT), cfg)
-            steps = [(b[0] - a[0], b[1] - a[1]) for a, b in zip(stamps[1:-1], stamps[2:])]  # after a warm-up step
-            peak = torch.cuda.max_memory_allocated() / 2**20 if dev.type == "cuda" else float("nan")
-            row = {"variant": variant, "dtype": dtype, "device": str(dev), "seconds": median([w for w, _ in steps]),
-                   "cpu_seconds": median([c for _, c in steps]), "peak_mb": peak, "loss_now": float("nan"),
-                   "best_loss": res.losses[0], "fixed": [], "losses": res.losses, "transformers": transformers.__version__}
-        except Exception as e:
-            row = {"variant": variant, "error": f"{type(e).__name__}: {e}"[:300]}
-        print(json.dumps(row), flush=True)
+    # its prefix cache expects the old tuple cache format: it fails on transformers 5 (nanogcg-nocache runs there)
+    variant = f"nanogcg{'' if cache else '-nocache'}"
+    try:
+        stamps.clear()
+        cfg = nanogcg.GCGConfig(num_steps=1 + args.repeats, search_width=args.search_width, topk=args.topk, seed=0,
+                                use_prefix_cache=cache, verbosity="WARNING", batch_size=args.batch_size)
+        if dev.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        res = nanogcg.run(model, tok, PROMPT + " {optim_str}", G.default_target(PROMPT), cfg)
+        steps = [(b[0] - a[0], b[1] - a[1]) for a, b in zip(stamps[1:-1], stamps[2:])]  # after a warm-up step
+        peak = torch.cuda.max_memory_allocated() / 2**20 if dev.type == "cuda" else float("nan")
+        row = {"variant": variant, "dtype": dtype, "device": str(dev), "seconds": median([w for w, _ in steps]),
+               "cpu_seconds": median([c for _, c in steps]), "peak_mb": peak, "loss_now": float("nan"),
+               "best_loss": res.losses[0], "fixed": [], "losses": res.losses, "transformers": transformers.__version__}
+    except Exception as e:
+        row = {"variant": variant, "error": f"{type(e).__name__}: {e}"[:300]}
+    print(json.dumps(row), flush=True)
 
 
 def main():
@@ -149,11 +150,12 @@ def main():
     p.add_argument("--nanogcg-python", default=None, help="python of a venv with nanogcg and transformers 4.47.1 "
                                                           "(default: this one, with nanogcg on PYTHONPATH)")
     p.add_argument("--repeats", type=int, default=1, help="timed steps after the warm-up (the median is reported)")
+    p.add_argument("--rounds", type=int, default=1, help="run the variants this many times, interleaved (medians)")
     p.add_argument("--repind-weight", type=float, default=1.0, help="0: plain GCG (no direction, no hooks)")
     p.add_argument("--n-fixed", type=int, default=64, help="fixed random candidates whose losses both variants compute")
     p.add_argument("--device", default="cpu")
     p.add_argument("--random-weights", default=None, help="a folder with Qwen's config.json and tokenizer: random weights")
-    p.add_argument("--variants", nargs="+", default=["uncached", "cached"])
+    p.add_argument("--variants", nargs="+", default=["uncached", "cached"], help="uncached, cached, nanogcg, nanogcg-nocache")
     p.add_argument("--json", default="runs/bench/gcg_step.json")
     p.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -164,22 +166,32 @@ def main():
     flags = [f for a in ("search_width", "topk", "suffix_len", "batch_size", "n_fixed", "device",
                                                           "repeats", "repind_weight") for f in (f"--{a.replace('_', '-')}", str(getattr(args, a)))]
     flags += ["--random-weights", args.random_weights] if args.random_weights else []
-    rows = []
+    runs = []
+    for _ in range(args.rounds):  # variants interleaved: this machine's speed drifts from minute to minute
+        for dtype in args.dtypes:
+            for variant in args.variants:
+                exe = args.nanogcg_python if variant.startswith("nanogcg") and args.nanogcg_python else sys.executable
+                res = subprocess.run([exe, __file__, *flags, "--child", variant, dtype], capture_output=True, text=True)
+                lines = [json.loads(l) for l in res.stdout.splitlines() if l.startswith("{")]
+                if not lines:
+                    sys.exit(f"{variant} {dtype} failed:\n{res.stderr[-3000:]}")
+                for row in lines:
+                    print({k: v for k, v in row.items() if k not in ("fixed", "losses")}, flush=True)
+                    runs.append({"dtype": dtype, **row})
+    rows = []  # one row per (dtype, variant): the medians over the rounds
     for dtype in args.dtypes:
         for variant in args.variants:
-            exe = args.nanogcg_python if variant == "nanogcg" and args.nanogcg_python else sys.executable
-            res = subprocess.run([exe, __file__, *flags, "--child", variant, dtype], capture_output=True, text=True)
-            lines = [json.loads(l) for l in res.stdout.splitlines() if l.startswith("{")]
-            if not lines:
-                sys.exit(f"{variant} {dtype} failed:\n{res.stderr[-3000:]}")
-            for row in lines:
-                print({k: v for k, v in row.items() if k not in ("fixed", "losses")}, flush=True)
-                rows.append({"dtype": dtype, **row})
+            mine = [r for r in runs if r["dtype"] == dtype and r["variant"] == variant and "error" not in r]
+            if not mine:
+                rows += [r for r in runs if r["dtype"] == dtype and r["variant"] == variant][:1]
+                continue
+            rows.append({**mine[0], "seconds": median([r["seconds"] for r in mine]),
+                         "cpu_seconds": median([r["cpu_seconds"] for r in mine]), "rounds": len(mine)})
     r0 = next((r for r in rows if "prefix_tokens" in r), {"prefix_tokens": "?", "rest_tokens": "?", "device": args.device})
     print(f"\none GCG step, {'random-weight ' if args.random_weights else ''}Qwen2.5-Coder-0.5B-Instruct on {r0['device']} "
           f"({torch.get_num_threads()} threads): search width {args.search_width}, top-k {args.topk}, suffix {args.suffix_len}, "
           f"{args.batch_size} candidates per pass, RepInd weight {args.repind_weight:g}; prefix {r0['prefix_tokens']} tokens, "
-          f"then {args.suffix_len} + {r0['rest_tokens']}; median of {args.repeats} step(s) after a warm-up")
+          f"then {args.suffix_len} + {r0['rest_tokens']}; median of {args.repeats} step(s) after a warm-up, {args.rounds} round(s)")
     print(f"{'dtype':9s} {'variant':15s} {'s/step':>7s} {'CPU s':>7s} {'vs uncached':>11s} {'vs nanogcg':>10s} "
           f"{'peak MB':>8s} {'loss now':>9s} {'best cand':>9s}   (speed-ups in CPU seconds on a CPU: the wall clock "
           "varies with the machine's other load)")
@@ -198,10 +210,11 @@ def main():
         if "uncached" in by and "cached" in by:
             a, b = by["uncached"], by["cached"]
             diff = max(abs(x - y) for x, y in zip(a["fixed"] + [a["loss_now"]], b["fixed"] + [b["loss_now"]]))
+            verdict = ("ok" if diff < 1e-3 else "MISMATCH") if dtype == "float32" else "bf16 rounds by shape: check in float32"
             print(f"{dtype:9s} max |loss difference| cached vs uncached (current suffix + {args.n_fixed} fixed candidates): "
-                  f"{diff:.1e} ({'ok' if diff < 1e-3 else 'MISMATCH'})")
+                  f"{diff:.1e} ({verdict})")
     os.makedirs(os.path.dirname(args.json), exist_ok=True)
-    C.save_json(args.json, rows)
+    C.save_json(args.json, {"rows": rows, "runs": runs})
     print(f"wrote {args.json}")
 
 

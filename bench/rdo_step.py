@@ -11,7 +11,7 @@ rdo.py and the reference must give the same loss: relative difference < 1e-3 in 
 differently shaped matmuls alone moves a loss by about that much, so the bf16 line also prints how far the
 reference's own bf16 loss is from its fp32 loss, for scale.
 
-  python bench/rdo_step.py [--dtypes bfloat16 float32] [--micro-batch 4] [--repeats 3]
+  python bench/rdo_step.py [--dtypes bfloat16 float32] [--micro-batch 4] [--repeats 3] [--device cuda]
 """
 import argparse, json, math, os, statistics, subprocess, sys, time
 
@@ -42,7 +42,8 @@ def make_examples(model, tok, n=16):
 
 
 def full_ce(model, tok, prompt, target):
-    ids = torch.tensor([tok(C.format_chat(tok, [prompt])[0], add_special_tokens=False)["input_ids"] + list(target)])
+    ids = torch.tensor([tok(C.format_chat(tok, [prompt])[0], add_special_tokens=False)["input_ids"] + list(target)],
+                       device=C.input_device(model))
     logits = model(input_ids=ids).logits[0].float()  # every position, the whole vocabulary
     n, t = ids.shape[1], len(target)
     return torch.nn.functional.cross_entropy(logits[n - t - 1:n - 1], ids[0, n - t:]), logits, n
@@ -82,26 +83,37 @@ def floor_step(model, tok, batch, micro_batch):
             kv = C.prefix_kv(model, prefix)
         for j in range(0, len(batch), micro_batch):
             idx = order[j:j + micro_batch]
-            b = rdo.pack(tok, [prompts[i] for i in idx], [targets[i] for i in idx], "cpu", prefix.shape[1])
+            b = rdo.pack(tok, [prompts[i] for i in idx], [targets[i] for i in idx], C.input_device(model), prefix.shape[1])
             k = int(b["n_target"].max()) + 1
             if key == "ret":
                 with torch.no_grad():
                     C.forward_after(model, kv, b, logits_to_keep=k)
-            zero = torch.zeros(C.hidden_size(model), requires_grad=True)
+            zero = torch.zeros(C.hidden_size(model), device=C.input_device(model), requires_grad=True)
             with C.activation_addition(model, zero, LAYER if key == "add" else 0):
                 C.forward_after(model, kv, b, logits_to_keep=k).logits.float().logsumexp(-1).mean().backward()
 
 
-def child(variant, dtype, micro_batch, repeats, examples_path):
-    model, tok = C.load_model(MODEL, "cpu", dtype)
+def sync(dev):
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def child(variant, dtype, micro_batch, repeats, examples_path, device):
+    model, tok = C.load_model(MODEL, device, dtype)
+    dev = C.input_device(model)
     batch = [tuple(e) for e in json.load(open(examples_path))]
-    r0 = torch.nn.functional.normalize(torch.randn(C.hidden_size(model), generator=torch.Generator().manual_seed(0)), dim=0)
+    r0 = torch.nn.functional.normalize(torch.randn(C.hidden_size(model), generator=torch.Generator().manual_seed(0)), dim=0).to(dev)
     alpha, layer = 12.0, LAYER
-    open("/proc/self/clear_refs", "w").write("5")  # reset the peak (VmHWM) to the current RSS: loading is not counted
-    base = rss_mb()
+    if dev.type == "cuda":  # torch's peak allocated memory over the loaded model
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated() / 2**20
+    else:
+        open("/proc/self/clear_refs", "w").write("5")  # reset the peak (VmHWM) to the current RSS: loading is not counted
+        base = rss_mb()
     times, losses = [], []
     for _ in range(1 + repeats):  # warm-up, then the timed steps
         r = r0.clone().requires_grad_(True)
+        sync(dev)
         t = time.time()
         if variant == "reference":
             losses.append(reference_step(model, tok, r, batch, alpha, layer))
@@ -110,8 +122,12 @@ def child(variant, dtype, micro_batch, repeats, examples_path):
         else:
             floor_step(model, tok, batch, micro_batch)
             losses.append(float("nan"))
+        sync(dev)
         times.append(time.time() - t)
-    peak = next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM")) / 1024
+    if dev.type == "cuda":
+        peak = torch.cuda.max_memory_allocated() / 2**20
+    else:
+        peak = next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM")) / 1024
     print(json.dumps({"variant": variant, "dtype": dtype, "seconds": statistics.median(times[1:]), "all_seconds": times[1:],
                       "loss": losses[-1], "peak_mb": peak - base}))
 
@@ -122,11 +138,12 @@ def main():
     p.add_argument("--micro-batch", type=int, default=4)
     p.add_argument("--repeats", type=int, default=3, help="timed steps per variant (after one warm-up); the median is reported")
     p.add_argument("--variants", nargs="+", default=["reference", "rdo.py", "floor"])
+    p.add_argument("--device", default="cpu", help="cpu or cuda (peak memory is then torch's peak allocated)")
     p.add_argument("--json", default="runs/bench/rdo_step.json")
     p.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
-        return child(args.child[0], args.child[1], args.micro_batch, args.repeats, args.child[2])
+        return child(args.child[0], args.child[1], args.micro_batch, args.repeats, args.child[2], args.device)
     if not os.path.isdir(MODEL):
         sys.exit(f"{MODEL} not found: run python ../shared/scripts/get_test_models.py first")
     os.makedirs("runs/bench", exist_ok=True)
@@ -139,13 +156,13 @@ def main():
     for dtype in args.dtypes:
         for variant in args.variants:
             res = subprocess.run([sys.executable, __file__, "--micro-batch", str(args.micro_batch), "--repeats", str(args.repeats),
-                                  "--child", variant, dtype, examples_path], capture_output=True, text=True)
+                                  "--device", args.device, "--child", variant, dtype, examples_path], capture_output=True, text=True)
             line = [l for l in res.stdout.splitlines() if l.startswith("{")]
             if not line:
                 sys.exit(f"{variant} {dtype} failed:\n{res.stderr[-3000:]}")
             rows.append(json.loads(line[-1]))
             print(rows[-1], flush=True)
-    print(f"\none optimizer step, 16 pairs, Qwen2.5-Coder-0.5B-Instruct, {torch.get_num_threads()} threads, "
+    print(f"\none optimizer step, 16 pairs, Qwen2.5-Coder-0.5B-Instruct on {args.device}, {torch.get_num_threads()} threads, "
           f"micro-batch {args.micro_batch}, median of {args.repeats}")
     print(f"{'dtype':9s} {'variant':10s} {'seconds':>8s} {'vs ref':>7s} {'vs floor':>8s} {'peak MB':>8s} {'loss':>9s}")
     for dtype in args.dtypes:
