@@ -6,7 +6,8 @@ Only what two or more scripts use lives here:
               prefix_kv / forward_after (a shared prefix run once, rows continue from its KV), cache_kwarg
   hooks       directional_ablation (one direction, a subspace, or one per batch row), activation_addition
               (context managers, differentiable), unit_basis, hooks
-  scoring     length_batches, last_logits, refusal_token_ids, refusal_scores, kl_last, block_inputs, layer_cosines,
+  scoring     length_batches, last_logits, refusal_token_ids, refusal_scores, token_ce, kl_last, block_inputs,
+              layer_cosines,
               is_refusal, refusal_rate
   generation  generate / generate_ids (batched by length, greedy, left-padded), halve_on_oom
   data        load_instructions, get_prompts (named sets or local .json/.jsonl/.csv/.txt)
@@ -236,9 +237,14 @@ def forward_after(model, kv, batch, **kw):
 
 # ----------------------------------------------------------------------------- hooks
 
+def at_least_fp32(t):
+    """Directions and the math on them stay fp32 whatever the model dtype; fp64 stays fp64 (gradient checks)."""
+    return t if t.dtype == torch.float64 else t.float()
+
+
 def unit_basis(directions):
     """Orthonormal rows spanning the given direction(s); differentiable, computed in fp32."""
-    d = directions.float()
+    d = at_least_fp32(directions)
     if d.dim() == 1:
         return (d / d.norm()).unsqueeze(0)
     q, _ = torch.linalg.qr(d.T)  # (d, k), orthonormal columns spanning the rows of `directions`
@@ -284,7 +290,7 @@ def directional_ablation(model, directions):
     residual, at all positions (prompt and generated tokens alike). Gradients flow back to `directions`.
     """
     per_row = directions.dim() == 3  # (batch, 1, d): each batch row ablates its own direction (rco.py)
-    q = F.normalize(directions.float(), dim=-1) if per_row else unit_basis(directions)
+    q = F.normalize(at_least_fp32(directions), dim=-1) if per_row else unit_basis(directions)
     cache = {}
 
     def project(x):
@@ -312,7 +318,7 @@ def activation_addition(model, vector, layer):
     Pass alpha * r_hat to add, -alpha * r_hat to subtract. Gradients flow back to `vector`.
     """
     block = decoder_layers(model)[check_layer(model, layer)]
-    v = vector.float()
+    v = at_least_fp32(vector)
 
     def add(x):
         return x + v.to(x.device, x.dtype)
@@ -374,6 +380,17 @@ def refusal_scores(logits, refusal_ids):
     mask = torch.zeros(logits.shape[-1], dtype=torch.bool, device=logits.device)
     mask[refusal_ids] = True
     return logp[:, mask].logsumexp(-1) - logp[:, ~mask].logsumexp(-1)
+
+
+def token_ce(logits, labels, chunk=8):
+    """Cross-entropy of each row of (N, V) logits with its label (N,), in fp32 (fp64 stays), differentiable.
+    Without autograd on CPU, 8 rows at a time: the fp32 copy of a chunk of a 150k vocabulary stays in the cache,
+    3x faster than one pass over all rows, the same numbers (GCG's candidates). Under autograd the chunks'
+    bookkeeping ate the gain (RDO's step: 0.95x in an in-process A/B), so it is one pass there."""
+    up = at_least_fp32(logits).dtype
+    step = chunk if not (logits.is_cuda or logits.requires_grad) else len(logits)
+    return torch.cat([F.cross_entropy(logits[i:i + step].to(up), labels[i:i + step], reduction="none")
+                      for i in range(0, max(len(logits), 1), step)])
 
 
 def kl_last(base_logits, logits):

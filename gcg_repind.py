@@ -165,8 +165,7 @@ def suffix_losses(model, ctx, suffix, unit=None, head=None):
                        **{C.cache_kwarg(model): cache}).logits
     target = ctx["target"][None].expand(B, -1)
     up = lambda t: t.double() if t.dtype == torch.float64 else t.float()  # bf16 -> fp32; fp64 stays (tests)
-    # (B*T, V) rows: log-softmax over a contiguous last dim (over a transposed one it is several times slower on CPU)
-    ce = F.cross_entropy(up(logits).flatten(0, 1), target.flatten(), reduction="none").view(B, T).mean(1)
+    ce = C.token_ce(logits.flatten(0, 1), target.flatten()).view(B, T).mean(1)  # (B*T, V) rows, fp32
     greedy = (logits.argmax(-1) == target).all(1) if B == 1 else None  # only single suffixes need it
     cos = None
     if unit is not None:  # directions stay fp32 whatever the model dtype

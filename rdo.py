@@ -164,8 +164,7 @@ def ce_per_example(logits, batch):
     k = logits.shape[1]
     labels = batch["input_ids"][:, -(k - 1):]
     is_target = torch.arange(k - 1, device=labels.device) >= (k - 1 - batch["n_target"])[:, None]
-    # (rows x positions, vocab): log-softmax over a contiguous last dim (over a transposed one it is slower on CPU)
-    ce = F.cross_entropy(logits[:, :-1].float().flatten(0, 1), labels.flatten(), reduction="none").view(labels.shape)
+    ce = C.token_ce(logits[:, :-1].flatten(0, 1), labels.flatten()).view(labels.shape)  # (rows x positions, vocab)
     return (ce * is_target).sum(1) / is_target.sum(1)
 
 
@@ -173,7 +172,7 @@ def kl_per_example(clean_logits, logits, batch):
     """Mean over the retain tokens and the last template token of KL(P_clean || P_ablated), per row."""
     k = logits.shape[1]
     used = torch.arange(k, device=logits.device) >= (k - 1 - batch["n_target"])[:, None]
-    logp, logq = clean_logits.float().log_softmax(-1), logits.float().log_softmax(-1)
+    logp, logq = C.at_least_fp32(clean_logits).log_softmax(-1), C.at_least_fp32(logits).log_softmax(-1)
     kl = (logp.exp() * (logp - logq)).sum(-1)
     return (kl * used).sum(1) / used.sum(1)
 

@@ -276,3 +276,18 @@ def test_the_unembedding_gets_a_densely_strided_input_and_the_same_logits(tiny_d
     x = seen[-1]
     assert x.shape == (rows, 3, C.hidden_size(model)) and x.stride() == (3 * x.shape[2], x.shape[2], 1)
     torch.testing.assert_close(kept, full[:, -3:], rtol=1e-5, atol=1e-5)
+
+
+def test_token_ce_is_cross_entropy_in_chunks_with_its_gradient():
+    """token_ce = F.cross_entropy row by row in fp32 for bf16 logits: chunked without autograd, one pass with it
+    (and the same gradient)."""
+    g = torch.Generator().manual_seed(0)
+    logits = (3 * torch.randn(21, 50, generator=g)).bfloat16()
+    labels = torch.randint(0, 50, (21,), generator=g)
+    want = torch.nn.functional.cross_entropy(logits.float(), labels, reduction="none")
+    got = C.token_ce(logits, labels, chunk=4)
+    assert got.dtype == torch.float32 and torch.equal(got, want)
+    x = logits.clone().requires_grad_(True)
+    (ga,) = torch.autograd.grad(C.token_ce(x, labels, chunk=4).sum(), x)
+    (gb,) = torch.autograd.grad(torch.nn.functional.cross_entropy(x.float(), labels, reduction="none").sum(), x)
+    assert torch.equal(ga, gb)
