@@ -12,7 +12,7 @@ Only what two or more scripts use lives here:
   generation  generate / generate_ids (batched by length, greedy, left-padded), halve_on_oom
   data        load_instructions, get_prompts (named sets or local .json/.jsonl/.csv/.txt)
   results     add_common_args, HelpFormatter, out_dir, model_dir, save_result, load_result, load_direction,
-              load_checkpoint
+              load_checkpoint, plot_panels (matplotlib, optional)
 Every error a user can cause is raised as RefusalError; run(main) turns it into one line and exit code 2.
 """
 import argparse, contextlib, csv, datetime, hashlib, inspect, json, os, platform, random, subprocess, sys
@@ -673,6 +673,34 @@ def atomic_write(path, write):
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def plot_panels(path, panels):
+    """One PNG (written atomically), a subplot per panel (kind, {label: data}, axis settings): line data (x, y),
+    bar data y, box data [values]. Without matplotlib (optional) say so and return None."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no plot (pip install matplotlib)")
+        return None
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4.2), squeeze=False)
+    for ax, (kind, series, settings) in zip(axes[0], panels):
+        if kind == "bar":
+            ax.bar(list(series), list(series.values()))
+            ax.tick_params(axis="x", rotation=30, labelsize=8)
+        elif kind == "box":
+            ax.boxplot(list(series.values()), tick_labels=list(series))
+        else:
+            for label, (x, y) in series.items():
+                ax.plot(x, y, marker=".", ls=":" if label == "baseline" else "-", label=label)
+            ax.legend(fontsize=7)
+        ax.set(**settings)
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
+    plt.close(fig)
+    return path
 
 
 def save_json(path, obj):

@@ -136,34 +136,6 @@ def rates(model, tok, prompts, args, ctx=None, desc="generate", judge=None):
     return judged(texts, prompts, judge)
 
 
-def plot(path, panels):
-    """One PNG, a subplot per panel (kind, {label: data}, axis settings): line data (x, y), bar data y, box data
-    [values]. Without matplotlib say so and go on."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed: no plot (pip install matplotlib)")
-        return None
-    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4.2), squeeze=False)
-    for ax, (kind, series, settings) in zip(axes[0], panels):
-        if kind == "bar":
-            ax.bar(list(series), list(series.values()))
-            ax.tick_params(axis="x", rotation=30, labelsize=8)
-        elif kind == "box":
-            ax.boxplot(list(series.values()), tick_labels=list(series))
-        else:
-            for label, (x, y) in series.items():
-                ax.plot(x, y, marker=".", ls=":" if label == "baseline" else "-", label=label)
-            ax.legend(fontsize=7)
-        ax.set(**settings)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
-
-
 def table(rows):
     """A markdown table of rows (dicts): the union of their keys as columns, less those that are always None."""
     keys = [k for k in dict.fromkeys(k for r in rows for k in r) if any(r.get(k) is not None for r in rows)]
@@ -479,7 +451,7 @@ def main(argv=None):
     dirs = load_directions(args, model)
     result, panels = MODES[args.mode](model, tok, args, dirs, data)
     os.makedirs(out, exist_ok=True)
-    png = plot(os.path.splitext(path)[0] + ".png", panels) if panels else None
+    png = C.plot_panels(os.path.splitext(path)[0] + ".png", panels) if panels else None
     meta = [{k: v for k, v in d.items() if k != "vec"} | {"shape": list(d["vec"].shape)} for d in dirs]
     C.save_json(path, {"mode": args.mode, "model": args.model, "directions": meta, "data": {k: len(v) for k, v in data.items()},
                        "prompts": data, **result, "png": png, **C.provenance(args), "seconds": round(time.time() - t0, 1)})

@@ -143,23 +143,9 @@ def evaluate_cone(S, B, args):
 
 def plot_cones(results, path):
     """Figure 3: bypass and induce scores of the sampled directions per cone dimension (DIM-like scores)."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib not installed: no plot")
-        return
-    ks = sorted(results)
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
-    for ax, key, title in ((axes[0], "bypass", "refusal score, direction ablated (harmful)"),
-                           (axes[1], "induce", "refusal score, direction added (harmless)")):
-        ax.boxplot([results[k]["samples"][key] for k in ks])
-        ax.set_xticks(range(1, len(ks) + 1), [str(k) for k in ks])
-        ax.set(xlabel="cone dimension k", title=title)
-    fig.tight_layout()
-    C.atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
-    plt.close(fig)
+    titles = {"bypass": "refusal score, direction ablated (harmful)", "induce": "refusal score, direction added (harmless)"}
+    return C.plot_panels(path, [("box", {str(k): results[k]["samples"][key] for k in sorted(results)},
+                                 dict(xlabel="cone dimension k", title=title)) for key, title in titles.items()])
 
 
 # ----------------------------------------------------------------------------- training

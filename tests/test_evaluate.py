@@ -177,7 +177,7 @@ def test_missing_optional_packages(monkeypatch, capsys, tmp_path):
     monkeypatch.setattr(E.importlib.util, "find_spec", lambda name, *a: None if name == "lm_eval" else find_spec(name, *a))
     assert "not installed" in E.run_lm_eval("folder", "mmlu", "cpu")["skipped"]
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib now raises ImportError
-    assert E.plot(str(tmp_path / "x.png"), [("bar", {"a": 1}, {})]) is None and not (tmp_path / "x.png").exists()
+    assert C.plot_panels(str(tmp_path / "x.png"), [("bar", {"a": 1}, {})]) is None and not (tmp_path / "x.png").exists()
     assert E.load_judge(str(tmp_path / "no-judge"), "cpu", 4) is None
     assert "matplotlib is not installed" in capsys.readouterr().out
 
@@ -185,7 +185,8 @@ def test_missing_optional_packages(monkeypatch, capsys, tmp_path):
 def test_plot_writes_a_png(tmp_path):
     pytest.importorskip("matplotlib")
     panels = [("bar", {"a": 0.5}, {}), ("box", {"c": [0.1, 0.5]}, {}), ("line", {"b": ([1, 2], [0.1, 0.2])}, {"ylim": (0, 1)})]
-    assert os.path.getsize(E.plot(str(tmp_path / "x.png"), panels)) > 1000
+    assert os.path.getsize(C.plot_panels(str(tmp_path / "x.png"), panels)) > 1000
+    assert os.listdir(tmp_path) == ["x.png"]  # written atomically: no temp file left
 
 
 @pytest.mark.parametrize("mode, dirs, message", [
