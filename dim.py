@@ -156,7 +156,7 @@ def plot_scores(scores, path, n_post, chosen, kl_threshold=0.1, induce_threshold
     axes[2].set_yscale("log")
     axes[0].legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    C.atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
     plt.close(fig)
     return path
 
