@@ -418,7 +418,8 @@ def block_inputs(model, position=-1, stop_at=None):
         def hook(module, args, kwargs):
             if l == stop_at:
                 raise _StopForward
-            seen.append((args[0] if args else kwargs["hidden_states"])[:, position])
+            # a copy: a view would keep every block's whole (batch, seq, d) input alive until the list is cleared
+            seen.append((args[0] if args else kwargs["hidden_states"])[:, position].clone())
         return hook
 
     try:

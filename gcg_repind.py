@@ -164,11 +164,11 @@ def suffix_losses(model, ctx, suffix, unit=None, head=None):
         logits = model(inputs_embeds=x, position_ids=pos, use_cache=cache is not None, logits_to_keep=T,
                        **{C.cache_kwarg(model): cache}).logits
     target = ctx["target"][None].expand(B, -1)
-    up = lambda t: t.double() if t.dtype == torch.float64 else t.float()  # bf16 -> fp32; fp64 stays (tests)
     ce = C.token_ce(logits.flatten(0, 1), target.flatten()).view(B, T).mean(1)  # (B*T, V) rows, fp32
     greedy = (logits.argmax(-1) == target).all(1) if B == 1 else None  # only single suffixes need it
     cos = None
     if unit is not None:  # directions stay fp32 whatever the model dtype
+        up = C.at_least_fp32
         cos = torch.stack([F.cosine_similarity(up(h), unit.to(h.device, up(h).dtype)[None], dim=-1) for h in seen], 1)
     return ce, cos, greedy
 
@@ -217,7 +217,7 @@ def candidate_losses(model, ctx, ids, cand, unit, weight, batch_size):
 
     Each candidate is the current suffix `ids` with one position p swapped, so its tokens before p are the current
     suffix's: candidates sorted by p run in (at least SHARE_GROUPS) batches, and a batch whose smallest p is s runs
-    ids[:s] once into the cache and only its rows' tokens from s on (on average a quarter fewer tokens)."""
+    ids[:s] once into the cache and only its rows' tokens from s on (a fifth fewer tokens on Qwen, suffix 20)."""
     p = (cand != ids.cpu()).int().argmax(1)  # the swapped position (0 for an unchanged copy)
     order = p.argsort(stable=True)
     cand, p = cand[order], p[order]
