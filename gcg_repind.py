@@ -192,7 +192,8 @@ def token_grad(model, ctx, ids, unit, weight):
 # ----------------------------------------------------------------------------- candidates
 
 def sample_candidates(ids, grad, topk, width, forbidden, gen):
-    """`width` copies of the suffix, each with one random position swapped for one of its top-k tokens by -grad."""
+    """`width` copies of the suffix, each with one random position swapped for one of its top-k tokens by -grad,
+    without repeats."""
     grad = grad.clone()
     grad[:, forbidden.to(grad.device)] = math.inf
     top = (-grad).topk(topk, dim=1).indices.cpu()  # (L, k)
@@ -200,7 +201,8 @@ def sample_candidates(ids, grad, topk, width, forbidden, gen):
     val = top[pos, torch.randint(0, topk, (width,), generator=gen)]
     cand = ids.cpu().repeat(width, 1)
     cand[torch.arange(width), pos] = val
-    return cand
+    first = dict.fromkeys(map(tuple, cand.tolist()))  # repeats dropped (a repeat's loss is its twin's), order kept
+    return torch.tensor(list(first), dtype=cand.dtype)
 
 
 def retokenizes(tok, cand):

@@ -102,6 +102,10 @@ def test_candidates_swap_one_allowed_top_k_token():
         assert len(changed) <= 1
         for p in changed:
             assert row[p] in top[p] and row[p] not in forbidden
+    # 64 draws from len(ids) x 5 swaps repeat some: each candidate once, in the order first drawn
+    assert len({tuple(r) for r in cand.tolist()}) == len(cand) < 64
+    again = G.sample_candidates(ids, grad, 5, 64, forbidden, torch.Generator().manual_seed(0))
+    assert torch.equal(again, cand)
 
 
 def test_default_target():
