@@ -3,12 +3,12 @@
 Only what two or more scripts use lives here:
   models      load_model, decoder_layers, hidden_size, check_layer, pick_device / pick_dtype
   chat        format_chat, post_instruction_ids, tokenize, forward (real position ids under left padding),
-              prefix_kv / forward_after (a shared prefix run once, rows continue from its KV), cache_kwarg
+              run_into_cache, prefix_kv / forward_after (a shared prefix run once, rows continue from its KV),
+              cache_kwarg
   hooks       directional_ablation (one direction, a subspace, or one per batch row), activation_addition
               (context managers, differentiable), unit_basis, hooks
   scoring     length_batches, last_logits, refusal_token_ids, refusal_scores, token_ce, kl_last, block_inputs,
-              layer_cosines,
-              is_refusal, refusal_rate
+              layer_cosines, is_refusal, refusal_rate
   generation  generate / generate_ids (batched by length, greedy, left-padded), halve_on_oom
   data        load_instructions, get_prompts (named sets or local .json/.jsonl/.csv/.txt)
   results     add_common_args, HelpFormatter, out_dir, model_dir, save_result, load_result, load_direction,
@@ -211,15 +211,22 @@ def cache_kwarg(model):
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
+def run_into_cache(model, ids, cache=None, start=0):
+    """Run token ids (1, P), at positions start.., through the decoder only, appending their keys and values to
+    `cache` (a new DynamicCache by default), which is returned. Under whatever hooks are active; differentiable.
+    No logits: none are needed, and the LM head would only cost time."""
+    if cache is None:
+        from transformers import DynamicCache
+        cache = DynamicCache(config=model.config)
+    decoder = model.get_decoder()
+    decoder(input_ids=ids, position_ids=torch.arange(start, start + ids.shape[1], device=ids.device)[None],
+            use_cache=True, **{cache_kwarg(decoder): cache})
+    return cache
+
+
 def prefix_kv(model, ids):
-    """Per-layer (keys, values) of a token prefix ids (1, P), run under whatever hooks are active; differentiable.
-    Only the decoder runs: no logits are needed, and on CPU the LM head for a single position is a slow batched
-    matmul that copies the whole (vocab x d) weight."""
-    from transformers import DynamicCache
-    cache, decoder = DynamicCache(config=model.config), model.get_decoder()
-    decoder(input_ids=ids, position_ids=torch.arange(ids.shape[1], device=ids.device)[None], use_cache=True,
-            **{cache_kwarg(decoder): cache})
-    return [(layer.keys, layer.values) for layer in cache.layers]
+    """Per-layer (keys, values) of a token prefix ids (1, P), run under whatever hooks are active; differentiable."""
+    return [(layer.keys, layer.values) for layer in run_into_cache(model, ids).layers]
 
 
 def forward_after(model, kv, batch, **kw):
@@ -388,7 +395,7 @@ def token_ce(logits, labels, chunk=8):
     3x faster than one pass over all rows, the same numbers (GCG's candidates). Under autograd the chunks'
     bookkeeping ate the gain (RDO's step: 0.95x in an in-process A/B), so it is one pass there."""
     up = at_least_fp32(logits).dtype
-    step = chunk if not (logits.is_cuda or logits.requires_grad) else len(logits)
+    step = chunk if not (logits.is_cuda or logits.requires_grad) else max(len(logits), 1)
     return torch.cat([F.cross_entropy(logits[i:i + step].to(up), labels[i:i + step], reduction="none")
                       for i in range(0, max(len(logits), 1), step)])
 

@@ -119,10 +119,7 @@ def make_context(model, before, after, target, use_cache=True):
     ctx = {"before": torch.tensor(before, device=dev), "rest": torch.tensor(after + target[:-1], device=dev),
            "target": torch.tensor(target, device=dev), "cache": None}
     if use_cache:
-        from transformers import DynamicCache
-        ctx["cache"] = DynamicCache(config=model.config)
-        decoder = model.get_decoder()  # no logits needed (and on CPU a one-position LM head copies its weight)
-        decoder(input_ids=ctx["before"][None], use_cache=True, **{C.cache_kwarg(decoder): ctx["cache"]})
+        ctx["cache"] = C.run_into_cache(model, ctx["before"][None])
     return ctx
 
 
@@ -132,17 +129,15 @@ def batch_cache(model, ctx, head, n):
     never be passed (it is reused by the gradient pass and every candidate batch)."""
     cache = copy.deepcopy(ctx["cache"])
     if len(head):
-        decoder, start = model.get_decoder(), len(ctx["before"])
-        decoder(input_ids=head[None], position_ids=torch.arange(start, start + len(head), device=head.device)[None],
-                use_cache=True, **{C.cache_kwarg(decoder): cache})
+        C.run_into_cache(model, head[None], cache, start=len(ctx["before"]))
     cache.batch_repeat_interleave(n)
     return cache
 
 
 def suffix_losses(model, ctx, suffix, unit=None, head=None):
-    """CE of the target (B,), per-layer cosine with `unit` at the last prompt token (B, layers) or None, and
-    for a single suffix whether the target is the greedy output ((1,), else None), for a batch of suffixes: (B, L) token ids, or (B, L, d) input
-    embeddings (the gradient pass). Differentiable w.r.t. embeddings. `head` (ids): the suffix's first tokens,
+    """CE of the target (B,), per-layer cosine with `unit` at the last prompt token (B, layers) or None, and for
+    a single suffix whether the target is the greedy output ((1,), else None), for a batch of suffixes: (B, L)
+    token ids, or (B, L, d) input embeddings (the gradient pass). Differentiable w.r.t. embeddings. `head` (ids): the suffix's first tokens,
     the same in every row, which `suffix` then leaves out (candidate batches share them: see candidate_losses).
 
     The sequence after the cached prefix is [head, suffix, rest of the template, target without its last token];
