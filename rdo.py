@@ -23,7 +23,6 @@ import argparse, hashlib, json, math, os, time
 from types import SimpleNamespace
 
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 import common as C
