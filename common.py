@@ -3,8 +3,7 @@
 Only what two or more scripts use lives here:
   models      load_model, decoder_layers, hidden_size, check_layer, pick_device / pick_dtype
   chat        format_chat, post_instruction_ids, tokenize, forward (real position ids under left padding),
-              run_into_cache, prefix_kv / forward_after (a shared prefix run once, rows continue from its KV),
-              cache_kwarg
+              run_into_cache (ids through the decoder into a KV cache), cache_kwarg
   hooks       directional_ablation (one direction, a subspace, or one per batch row), activation_addition
               (context managers, differentiable), unit_basis, hooks
   scoring     length_batches, last_logits, refusal_token_ids, refusal_scores, token_ce, kl_last, block_inputs,
@@ -222,24 +221,6 @@ def run_into_cache(model, ids, cache=None, start=0):
     decoder(input_ids=ids, position_ids=torch.arange(start, start + ids.shape[1], device=ids.device)[None],
             use_cache=True, **{cache_kwarg(decoder): cache})
     return cache
-
-
-def prefix_kv(model, ids):
-    """Per-layer (keys, values) of a token prefix ids (1, P), run under whatever hooks are active; differentiable."""
-    return [(layer.keys, layer.values) for layer in run_into_cache(model, ids).layers]
-
-
-def forward_after(model, kv, batch, **kw):
-    """forward() for left-padded rows that all continue the prefix whose prefix_kv is kv: the prefix is computed
-    once, not once per row. A fresh cache per call (the model appends to it), holding views of kv."""
-    from transformers import DynamicCache
-    n, p = batch["input_ids"].shape[0], kv[0][0].shape[2]
-    cache = DynamicCache(config=model.config)
-    for l, (k, v) in enumerate(kv):
-        cache.update(k.expand(n, -1, -1, -1), v.expand(n, -1, -1, -1), l)
-    mask = batch["attention_mask"]
-    return model(input_ids=batch["input_ids"], attention_mask=torch.cat([mask.new_ones(n, p), mask], 1),
-                 position_ids=p + position_ids(mask), **{cache_kwarg(model): cache}, **kw)
 
 
 # ----------------------------------------------------------------------------- hooks

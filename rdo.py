@@ -136,12 +136,30 @@ def pack(tok, prompts, targets, device, skip=0):
     return {"input_ids": ids, "attention_mask": mask, "n_target": torch.tensor([len(y) for y in targets], device=device)}
 
 
+def prefix_kv(model, ids):
+    """Per-layer (keys, values) of a token prefix ids (1, P), run under whatever hooks are active; differentiable."""
+    return [(layer.keys, layer.values) for layer in C.run_into_cache(model, ids).layers]
+
+
+def forward_after(model, kv, batch, **kw):
+    """forward() for left-padded rows that all continue the prefix whose prefix_kv is kv: the prefix is computed
+    once, not once per row. A fresh cache per call (the model appends to it), holding views of kv."""
+    from transformers import DynamicCache
+    n, p = batch["input_ids"].shape[0], kv[0][0].shape[2]
+    cache = DynamicCache(config=model.config)
+    for l, (k, v) in enumerate(kv):
+        cache.update(k.expand(n, -1, -1, -1), v.expand(n, -1, -1, -1), l)
+    mask = batch["attention_mask"]
+    return model(input_ids=batch["input_ids"], attention_mask=torch.cat([mask.new_ones(n, p), mask], 1),
+                 position_ids=p + C.position_ids(mask), **{C.cache_kwarg(model): cache}, **kw)
+
+
 def window_logits(model, batch, k, kv="kv"):
     """Logits of the last k positions only: the vocabulary is 150k-256k, the targets are ~30 tokens. The rows
     continue the shared prefix whose keys and values are batch[kv], when there is one."""
     if batch.get(kv) is None:
         return C.forward(model, batch, logits_to_keep=k).logits
-    return C.forward_after(model, batch[kv], batch, logits_to_keep=k).logits
+    return forward_after(model, batch[kv], batch, logits_to_keep=k).logits
 
 
 def shared_prefix(tok, prompts, targets, model):
@@ -223,11 +241,11 @@ def loss_and_grad(model, tok, r, batch, alpha, layer, lambdas, micro_batch):
         kv = leaves = clean = None
         if prefix is not None:
             with hooks[key]():
-                kv = C.prefix_kv(model, prefix)
+                kv = prefix_kv(model, prefix)
             leaves = [tuple(t.detach().requires_grad_(t.requires_grad) for t in pair) for pair in kv]
             if key == "ret":
                 with torch.no_grad():
-                    clean = C.prefix_kv(model, prefix)
+                    clean = prefix_kv(model, prefix)
         sums[key] = 0.0
         for j in range(0, n, micro_batch):
             idx = order[j:j + micro_batch]

@@ -80,17 +80,17 @@ def floor_step(model, tok, batch, micro_batch):
         order = sorted(range(len(batch)), key=lambda i: n_tokens[prompts[i]] + len(targets[i]))
         prefix = rdo.shared_prefix(tok, prompts, targets, model)
         with torch.no_grad():
-            kv = C.prefix_kv(model, prefix)
+            kv = rdo.prefix_kv(model, prefix)
         for j in range(0, len(batch), micro_batch):
             idx = order[j:j + micro_batch]
             b = rdo.pack(tok, [prompts[i] for i in idx], [targets[i] for i in idx], C.input_device(model), prefix.shape[1])
             k = int(b["n_target"].max()) + 1
             if key == "ret":
                 with torch.no_grad():
-                    C.forward_after(model, kv, b, logits_to_keep=k)
+                    rdo.forward_after(model, kv, b, logits_to_keep=k)
             zero = torch.zeros(C.hidden_size(model), device=C.input_device(model), requires_grad=True)
             with C.activation_addition(model, zero, LAYER if key == "add" else 0):
-                C.forward_after(model, kv, b, logits_to_keep=k).logits.float().logsumexp(-1).mean().backward()
+                rdo.forward_after(model, kv, b, logits_to_keep=k).logits.float().logsumexp(-1).mean().backward()
 
 
 def sync(dev):
