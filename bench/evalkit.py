@@ -1,5 +1,8 @@
-"""What the real-model benches share: the held-out prompts and the three measurements of a direction."""
+"""What the real-model benches share: the held-out prompts, the three measurements of a direction, and random
+weights in a real model's shape for timings on a machine the real weights cannot reach."""
 import os
+
+import torch
 
 import common as C
 
@@ -38,3 +41,20 @@ def measure(model, tok, harm, safe, direction=None, alpha=None, layer=None, max_
     return {"harmful_refusal": C.refusal_rate(hc), "harmless_refusal": C.refusal_rate(sc),
             "harmless_kl": C.kl_last(C.last_logits(model, tok, safe), abl),
             "completions": {"harmful_ablated": hc, "harmless_added": sc}}
+
+
+def random_model(folder, device, dtype):
+    """Random weights in the shape of the model whose config.json and tokenizer are in `folder`, set up as
+    C.load_model sets up a loaded model: speed only (a GPU machine here cannot take the 1 GB of real weights)."""
+    import transformers
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(folder)
+    tok.padding_side = "left"
+    tok.pad_token = tok.pad_token or tok.eos_token
+    key = "dtype" if transformers.__version__ >= "5" else "torch_dtype"  # nanoGCG's transformers 4.47.1 too
+    torch.manual_seed(0)
+    with torch.device(C.pick_device(device)):  # random init on the GPU: seconds instead of a minute
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(folder), **{key: C.pick_dtype(dtype, device)})
+    model.eval().requires_grad_(False)
+    model.get_output_embeddings().register_forward_pre_hook(C._dense_input)
+    return model, tok

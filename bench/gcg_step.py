@@ -25,6 +25,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import common as C  # noqa: E402
 import gcg_repind as G  # noqa: E402
+from evalkit import random_model  # noqa: E402
 
 MODEL = os.path.expanduser("~/.cache/refusal-test-models/qwen2.5-coder-0.5b-instruct")
 DIM = "runs/bench/dim_qwen/selected/dim.safetensors"
@@ -47,13 +48,7 @@ def load(args, dtype):
         return model.to(C.pick_device(args.device)).eval().requires_grad_(False), AutoTokenizer.from_pretrained(MODEL)
     if not args.random_weights:
         return C.load_model(MODEL, args.device, dtype)
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-    tok = AutoTokenizer.from_pretrained(args.random_weights)
-    torch.manual_seed(0)
-    with torch.device(C.pick_device(args.device)):  # random init on the GPU: seconds instead of a minute
-        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(args.random_weights), dtype=C.pick_dtype(dtype, args.device))
-    model.eval().requires_grad_(False)
-    return model, tok
+    return random_model(args.random_weights, args.device, dtype)
 
 
 def child(variant, dtype, args):

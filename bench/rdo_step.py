@@ -12,6 +12,7 @@ differently shaped matmuls alone moves a loss by about that much, so the bf16 li
 reference's own bf16 loss is from its fp32 loss, for scale.
 
   python bench/rdo_step.py [--dtypes bfloat16 float32] [--micro-batch 4] [--repeats 3] [--device cuda]
+  python bench/rdo_step.py --random-weights CONFIG_DIR --device cuda --micro-batch 16   # speed only, Qwen's shape
 """
 import argparse, json, math, os, statistics, subprocess, sys, time
 
@@ -20,6 +21,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import common as C  # noqa: E402
 import rdo  # noqa: E402
+from evalkit import random_model  # noqa: E402
 
 MODEL = os.path.expanduser("~/.cache/refusal-test-models/qwen2.5-coder-0.5b-instruct")
 DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared", "data", "saladbench_splits")
@@ -98,8 +100,8 @@ def sync(dev):
         torch.cuda.synchronize()
 
 
-def child(variant, dtype, micro_batch, repeats, examples_path, device):
-    model, tok = C.load_model(MODEL, device, dtype)
+def child(variant, dtype, micro_batch, repeats, examples_path, device, random_weights=None):
+    model, tok = random_model(random_weights, device, dtype) if random_weights else C.load_model(MODEL, device, dtype)
     dev = C.input_device(model)
     batch = [tuple(e) for e in json.load(open(examples_path))]
     r0 = torch.nn.functional.normalize(torch.randn(C.hidden_size(model), generator=torch.Generator().manual_seed(0)), dim=0).to(dev)
@@ -139,15 +141,17 @@ def main():
     p.add_argument("--repeats", type=int, default=3, help="timed steps per variant (after one warm-up); the median is reported")
     p.add_argument("--variants", nargs="+", default=["reference", "rdo.py", "floor"])
     p.add_argument("--device", default="cpu", help="cpu or cuda (peak memory is then torch's peak allocated)")
+    p.add_argument("--random-weights", default=None, help="a folder with Qwen's config.json and tokenizer: random "
+                   "weights, speed only (needs the examples file of an earlier run with the real model)")
     p.add_argument("--json", default="runs/bench/rdo_step.json")
     p.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
-        return child(args.child[0], args.child[1], args.micro_batch, args.repeats, args.child[2], args.device)
-    if not os.path.isdir(MODEL):
+        return child(*args.child[:2], args.micro_batch, args.repeats, args.child[2], args.device, args.random_weights)
+    examples_path = "runs/bench/rdo_step_examples.json"  # prompts and target ids, made once with the real model
+    if not os.path.isdir(MODEL) and not (args.random_weights and os.path.isfile(examples_path)):
         sys.exit(f"{MODEL} not found: run python ../shared/scripts/get_test_models.py first")
     os.makedirs("runs/bench", exist_ok=True)
-    examples_path = "runs/bench/rdo_step_examples.json"
     if not os.path.isfile(examples_path):
         model, tok = C.load_model(MODEL, "cpu", "float32")
         C.save_json(examples_path, make_examples(model, tok))
@@ -156,13 +160,15 @@ def main():
     for dtype in args.dtypes:
         for variant in args.variants:
             res = subprocess.run([sys.executable, __file__, "--micro-batch", str(args.micro_batch), "--repeats", str(args.repeats),
-                                  "--device", args.device, "--child", variant, dtype, examples_path], capture_output=True, text=True)
+                                  "--device", args.device,
+                                  *(["--random-weights", args.random_weights] if args.random_weights else []),
+                                  "--child", variant, dtype, examples_path], capture_output=True, text=True)
             line = [l for l in res.stdout.splitlines() if l.startswith("{")]
             if not line:
                 sys.exit(f"{variant} {dtype} failed:\n{res.stderr[-3000:]}")
             rows.append(json.loads(line[-1]))
             print(rows[-1], flush=True)
-    print(f"\none optimizer step, 16 pairs, Qwen2.5-Coder-0.5B-Instruct on {args.device}, {torch.get_num_threads()} threads, "
+    print(f"\none optimizer step, 16 pairs, {'random-weight ' if args.random_weights else ''}Qwen2.5-Coder-0.5B-Instruct on {args.device}, {torch.get_num_threads()} threads, "
           f"micro-batch {args.micro_batch}, median of {args.repeats}")
     print(f"{'dtype':9s} {'variant':10s} {'seconds':>8s} {'vs ref':>7s} {'vs floor':>8s} {'peak MB':>8s} {'loss':>9s}")
     for dtype in args.dtypes:
