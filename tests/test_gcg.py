@@ -197,10 +197,10 @@ def test_errors(tiny_dir, tmp_path, direction_file):
 
 
 @pytest.mark.parametrize("family", ["qwen2", "gemma2"])
-def test_candidates_sharing_the_suffix_head_give_their_own_losses(family):
+def test_candidates_sharing_the_suffix_head_give_their_own_losses(family, monkeypatch):
     """candidate_losses runs candidates sorted by their swapped position in batches that share the current
     suffix's tokens before it: each candidate's losses equal its own full pass, in the candidates' order, with or
-    without the cache, whatever the batch size."""
+    without the cache, whatever the batch size, in the CPU's 4 sharing batches and in the GPU's one."""
     model, tok, before, after, target, ids = setup(family)
     unit = F.normalize(torch.randn(C.hidden_size(model)), dim=0)
     g = torch.Generator().manual_seed(0)
@@ -210,8 +210,10 @@ def test_candidates_sharing_the_suffix_head_give_their_own_losses(family):
     full = G.make_context(model, before, after, target, use_cache=False)
     ce, cos, _ = G.suffix_losses(model, full, cand, unit)
     want = torch.stack([G.total_loss(ce, cos, 2.0), ce, cos.mean(1)], 1)
-    for use_cache in (True, False):
-        ctx = G.make_context(model, before, after, target, use_cache=use_cache)
-        for batch_size in (1, 2, 16):
-            got, _ = G.candidate_losses(model, ctx, ids, cand, unit, 2.0, batch_size)
-            torch.testing.assert_close(got, want.float(), atol=1e-5, rtol=1e-5)
+    for groups in ({"cpu": 4}, {}):  # {}: one batch, as on a GPU
+        monkeypatch.setattr(G, "SHARE_GROUPS", groups)
+        for use_cache in (True, False):
+            ctx = G.make_context(model, before, after, target, use_cache=use_cache)
+            for batch_size in (1, 2, 16):
+                got, _ = G.candidate_losses(model, ctx, ids, cand, unit, 2.0, batch_size)
+                torch.testing.assert_close(got, want.float(), atol=1e-5, rtol=1e-5)
