@@ -13,6 +13,7 @@ reference's own bf16 loss is from its fp32 loss, for scale.
 
   python bench/rdo_step.py [--dtypes bfloat16 float32] [--micro-batch 4] [--repeats 3] [--device cuda]
   python bench/rdo_step.py --random-weights CONFIG_DIR --device cuda --micro-batch 16   # speed only, Qwen's shape
+  python bench/rdo_step.py ... --no-prefix       # rdo.py and the floor with every row run whole
 """
 import argparse, json, math, os, statistics, subprocess, sys, time
 
@@ -82,17 +83,19 @@ def floor_step(model, tok, batch, micro_batch):
         order = sorted(range(len(batch)), key=lambda i: n_tokens[prompts[i]] + len(targets[i]))
         prefix = rdo.shared_prefix(tok, prompts, targets, model)
         with torch.no_grad():
-            kv = rdo.prefix_kv(model, prefix)
+            kv = None if prefix is None else rdo.prefix_kv(model, prefix)
         for j in range(0, len(batch), micro_batch):
             idx = order[j:j + micro_batch]
-            b = rdo.pack(tok, [prompts[i] for i in idx], [targets[i] for i in idx], C.input_device(model), prefix.shape[1])
+            b = rdo.pack(tok, [prompts[i] for i in idx], [targets[i] for i in idx], C.input_device(model),
+                         0 if prefix is None else prefix.shape[1])
             k = int(b["n_target"].max()) + 1
+            b["kv"] = kv
             if key == "ret":
                 with torch.no_grad():
-                    rdo.forward_after(model, kv, b, logits_to_keep=k)
+                    rdo.window_logits(model, b, k)
             zero = torch.zeros(C.hidden_size(model), device=C.input_device(model), requires_grad=True)
             with C.activation_addition(model, zero, LAYER if key == "add" else 0):
-                rdo.forward_after(model, kv, b, logits_to_keep=k).logits.float().logsumexp(-1).mean().backward()
+                rdo.window_logits(model, b, k).float().logsumexp(-1).mean().backward()
 
 
 def sync(dev):
@@ -100,8 +103,10 @@ def sync(dev):
         torch.cuda.synchronize()
 
 
-def child(variant, dtype, micro_batch, repeats, examples_path, device, random_weights=None):
+def child(variant, dtype, micro_batch, repeats, examples_path, device, random_weights=None, no_prefix=False):
     model, tok = random_model(random_weights, device, dtype) if random_weights else C.load_model(MODEL, device, dtype)
+    if no_prefix:  # rdo.py and the floor without the shared template prefix: every row runs whole
+        rdo.shared_prefix = lambda *a, **k: None
     dev = C.input_device(model)
     batch = [tuple(e) for e in json.load(open(examples_path))]
     r0 = torch.nn.functional.normalize(torch.randn(C.hidden_size(model), generator=torch.Generator().manual_seed(0)), dim=0).to(dev)
@@ -143,11 +148,13 @@ def main():
     p.add_argument("--device", default="cpu", help="cpu or cuda (peak memory is then torch's peak allocated)")
     p.add_argument("--random-weights", default=None, help="a folder with Qwen's config.json and tokenizer: random "
                    "weights, speed only (needs the examples file of an earlier run with the real model)")
+    p.add_argument("--no-prefix", action="store_true", help="rdo.py and the floor without the shared template "
+                   "prefix (its one-row passes add as many ops as the rows: a question for launch-bound GPUs)")
     p.add_argument("--json", default="runs/bench/rdo_step.json")
     p.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
-        return child(*args.child[:2], args.micro_batch, args.repeats, args.child[2], args.device, args.random_weights)
+        return child(*args.child[:2], args.micro_batch, args.repeats, args.child[2], args.device, args.random_weights, args.no_prefix)
     examples_path = "runs/bench/rdo_step_examples.json"  # prompts and target ids, made once with the real model
     if not os.path.isdir(MODEL) and not (args.random_weights and os.path.isfile(examples_path)):
         sys.exit(f"{MODEL} not found: run python ../shared/scripts/get_test_models.py first")
@@ -162,6 +169,7 @@ def main():
             res = subprocess.run([sys.executable, __file__, "--micro-batch", str(args.micro_batch), "--repeats", str(args.repeats),
                                   "--device", args.device,
                                   *(["--random-weights", args.random_weights] if args.random_weights else []),
+                                  *(["--no-prefix"] if args.no_prefix else []),
                                   "--child", variant, dtype, examples_path], capture_output=True, text=True)
             line = [l for l in res.stdout.splitlines() if l.startswith("{")]
             if not line:
@@ -169,7 +177,7 @@ def main():
             rows.append(json.loads(line[-1]))
             print(rows[-1], flush=True)
     print(f"\none optimizer step, 16 pairs, {'random-weight ' if args.random_weights else ''}Qwen2.5-Coder-0.5B-Instruct on {args.device}, {torch.get_num_threads()} threads, "
-          f"micro-batch {args.micro_batch}, median of {args.repeats}")
+          f"micro-batch {args.micro_batch}, median of {args.repeats}{', no shared prefix' if args.no_prefix else ''}")
     print(f"{'dtype':9s} {'variant':10s} {'seconds':>8s} {'vs ref':>7s} {'vs floor':>8s} {'peak MB':>8s} {'loss':>9s}")
     for dtype in args.dtypes:
         by = {r["variant"]: r for r in rows if r["dtype"] == dtype}
