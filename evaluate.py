@@ -80,27 +80,25 @@ def parse_args(argv=None):
 def load_data(args):
     """The prompts this mode needs, loaded before the model so that a bad file fails fast: a named set's held-out
     split, or a local file as it is (its first --n-val)."""
-    benign = getattr(args, "benign", None)
-    sources = {"harmful": args.harmful_val or args.harmful, "harmless": args.harmless_val or args.harmless, "benign": benign}
+    sources = {"harmful": args.harmful_val or args.harmful, "harmless": args.harmless_val or args.harmless,
+               "benign": getattr(args, "benign", None)}
     need = ["harmless"] if args.mode in ("induce", "kl", "export") else ["harmful"]
-    if benign:  # Figure 22 also scores the harmful set
+    if sources["benign"]:  # Figure 22 also scores the harmful set
         need += ["harmful", "benign"]
-
-    def load(src):
-        return C.get_prompts(src, 0, args.n_val, seed=args.seed)[1] if src in C.NAMED_SETS else C.load_instructions(src)[:args.n_val]
+    load = lambda src: (C.get_prompts(src, 0, args.n_val, seed=args.seed)[1] if src in C.NAMED_SETS
+                        else C.load_instructions(src)[:args.n_val])
     return {k: load(sources[k]) for k in need}
 
 
 def load_directions(args, model):
     """Each --direction file as a dict: label (the method, or the file name), path, vec, alpha, layer."""
-    dirs, labels = [], set()
+    dirs = []
     for path in args.direction:
         vec, meta = C.load_direction(path, model)
-        label = meta.get("method") or os.path.splitext(os.path.basename(path))[0]
-        if label in labels:  # e.g. two RDO runs: name them by their folders
-            label = f"{label} ({os.path.basename(os.path.dirname(os.path.abspath(path)))})"
-        labels.add(label)
         vec = vec.float()
+        label = meta.get("method") or os.path.splitext(os.path.basename(path))[0]
+        if label in [d["label"] for d in dirs]:  # e.g. two RDO runs: name them by their folders
+            label = f"{label} ({os.path.basename(os.path.dirname(os.path.abspath(path)))})"
         alpha = meta.get("alpha") or (vec.norm().item() if vec.dim() == 1 else None)
         dirs.append({"label": label, "path": path, "vec": vec, "alpha": alpha if args.alpha is None else args.alpha,
                      "layer": meta.get("layer") if args.layer is None else args.layer})
@@ -278,7 +276,7 @@ def mode_cosine(model, tok, args, dirs, data):
         res["with suffix"] = curves([f"{p} {suffix}" for p in harm])
     rows = [{"condition": c, "cosine with": k, "mean over layers": sum(v) / len(v), "max": max(v),
              "at its layer": None if d["layer"] is None else v[d["layer"]]}
-            for c, cs in res.items() for k, v, d in zip(cs, cs.values(), dirs)]
+            for c, cs in res.items() for (k, v), d in zip(cs.items(), dirs)]
     panels = [("line", {c: (range(len(cs[k])), cs[k]) for c, cs in res.items()}, dict(
         title=f"cosine with {k}", xlabel="layer (block input, last token)")) for k in labels]
     return {"results": res, "suffix": suffix, "cos_between_directions": (vecs @ vecs.T).tolist(), "table": rows}, panels
@@ -300,9 +298,10 @@ def best_of_n(refused, ns):
     return {n: 1 - refused[:n].all(0).float().mean().item() for n in ns}
 
 
-@torch.no_grad()
-def sample(model, tok, prompts, temperature, max_new_tokens, batch_size):
-    """One temperature-sampled completion per prompt (plain temperature: no top-k / top-p cut)."""
+def sample(model, tok, prompts, temperature, seed, max_new_tokens, batch_size):
+    """One temperature-sampled completion per prompt, drawn after torch.manual_seed(seed) so that each try is
+    reproducible (plain temperature: no top-k / top-p cut)."""
+    torch.manual_seed(seed)
     out = {}
     for idx, batch in C.length_batches(model, tok, prompts, batch_size):
         ids = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=True, temperature=temperature, top_k=0,
@@ -332,11 +331,9 @@ def mode_cone(model, tok, args, dirs, data):
     for d in singles:
         u = unit(d)
         for t in args.temperatures:
-            runs = []
             with C.directional_ablation(model, u):
-                for i in tqdm(range(n), desc=f"{d['label']} T={t:g}: samples"):
-                    torch.manual_seed(args.seed + i)
-                    runs.append(judged(sample(model, tok, harm, t, args.max_new_tokens, args.batch_size)))
+                runs = [judged(sample(model, tok, harm, t, args.seed + i, args.max_new_tokens, args.batch_size))
+                        for i in tqdm(range(n), desc=f"{d['label']} T={t:g}: samples")]
             add(f"{d['label']} T={t:g}", f"{d['label']} T={t:g}", runs, temperature=t)
     panels = [("box", {d["label"]: res[d["label"]]["asr"] for d in cones}, dict(ylabel="ASR of sampled directions", ylim=(0, 1))),
               ("line", {k: (ns, list(r["best_of_n"].values())) for k, r in res.items()},
