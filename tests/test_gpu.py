@@ -52,3 +52,19 @@ def test_load_model_picks_cuda_and_bf16(tiny_dir):
     assert len(out) == 4
     scores = C.refusal_scores(C.last_logits(model, tok, HARMFUL[:4]), C.refusal_token_ids(tok))
     assert scores.dtype == torch.float64 and torch.isfinite(scores).all()
+
+
+def test_gcg_candidate_losses_on_cuda_match_the_cpu():
+    """A GPU runs GCG's candidates in one batch, a CPU in four that share the suffix head: the same losses."""
+    import torch.nn.functional as F
+    import gcg_repind as G
+    from test_gcg import setup
+    model, tok, before, after, target, ids = setup("qwen2")
+    unit = F.normalize(torch.randn(C.hidden_size(model)), dim=0)
+    g = torch.Generator().manual_seed(0)
+    cand = ids.repeat(9, 1)
+    cand[torch.arange(9), torch.randint(0, len(ids), (9,), generator=g)] = torch.randint(40, 120, (9,), generator=g)
+    cpu = G.candidate_losses(model, G.make_context(model, before, after, target), ids, cand, unit, 2.0, 16)[0]
+    model.to("cuda")
+    gpu = G.candidate_losses(model, G.make_context(model, before, after, target), ids, cand, unit.cuda(), 2.0, 16)[0]
+    torch.testing.assert_close(gpu, cpu, rtol=1e-3, atol=1e-4)
