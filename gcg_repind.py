@@ -216,8 +216,9 @@ def candidate_losses(model, ctx, ids, cand, unit, weight, batch_size):
     Returns them with the batch size that fitted (the next step starts there).
 
     Each candidate is the current suffix `ids` with one position p swapped, so its tokens before p are the current
-    suffix's: candidates sorted by p run in (at least SHARE_GROUPS) batches, and a batch whose smallest p is s runs
-    ids[:s] once into the cache and only its rows' tokens from s on (a fifth fewer tokens on Qwen, suffix 20)."""
+    suffix's: candidates sorted by p run in batches (at least SHARE_GROUPS[device type], else one), and a batch
+    whose smallest p is s runs ids[:s] once into the cache and only its rows' tokens from s on (on a CPU, in four
+    batches: a fifth fewer tokens on Qwen, suffix 20; in one batch s is 0 and nothing is shared)."""
     p = (cand != ids.cpu()).int().argmax(1)  # the swapped position (0 for an unchanged copy)
     order = p.argsort(stable=True)
     cand, p = cand[order], p[order]

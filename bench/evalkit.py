@@ -51,7 +51,7 @@ def random_model(folder, device, dtype):
     tok = AutoTokenizer.from_pretrained(folder)
     tok.padding_side = "left"
     tok.pad_token = tok.pad_token or tok.eos_token
-    key = "dtype" if transformers.__version__ >= "5" else "torch_dtype"  # nanoGCG's transformers 4.47.1 too
+    key = "dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype"  # nanoGCG's 4.47.1 too
     torch.manual_seed(0)
     with torch.device(C.pick_device(device)):  # random init on the GPU: seconds instead of a minute
         model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(folder), **{key: C.pick_dtype(dtype, device)})

@@ -21,9 +21,9 @@ json.dump(HARMLESS * 2, open(f"{w}/harmless.json", "w"))
 EOF
 M="--model $W/tiny --harmful $W/harmful.json --harmless $W/harmless.json --device ${DEVICE:-cuda} --dtype bfloat16 --seed 0"
 T="--n-train 8 --n-val 4 --effective-batch 4 --max-steps 2 --answer-tokens 4 --retain-tokens 3 --refusal-tokens 4 --select-last 2 --cache $W/cache"
-export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}  # runs that do not depend on each other go in parallel (&, wait)
+# runs that do not depend on each other go in parallel (&, wait), two CPU threads each
 step() { local name=$1; shift; local t0=$SECONDS
-  if "$@" > "$W/$name.log" 2>&1; then echo "ok   $name ($((SECONDS - t0)) s)"
+  if OMP_NUM_THREADS=${OMP_NUM_THREADS:-2} "$@" > "$W/$name.log" 2>&1; then echo "ok   $name ($((SECONDS - t0)) s)"
   else echo "FAIL $name: $(tail -n 3 "$W/$name.log")"; touch "$W/FAILED"; fi; }
 rm -f "$W/FAILED"
 step dim      $PY dim.py $M --n-train 8 --n-val 4 --layer 2 --out "$W/dim"

@@ -174,7 +174,8 @@ def main():
             line = [l for l in res.stdout.splitlines() if l.startswith("{")]
             if not line:
                 sys.exit(f"{variant} {dtype} failed:\n{res.stderr[-3000:]}")
-            rows.append(json.loads(line[-1]))
+            rows.append({**json.loads(line[-1]), "micro_batch": args.micro_batch, "device": args.device,
+                         "random_weights": args.random_weights, "no_prefix": args.no_prefix})
             print(rows[-1], flush=True)
     print(f"\none optimizer step, 16 pairs, {'random-weight ' if args.random_weights else ''}Qwen2.5-Coder-0.5B-Instruct on {args.device}, {torch.get_num_threads()} threads, "
           f"micro-batch {args.micro_batch}, median of {args.repeats}{', no shared prefix' if args.no_prefix else ''}")
@@ -183,7 +184,7 @@ def main():
         by = {r["variant"]: r for r in rows if r["dtype"] == dtype}
         ref, floor = by.get("reference", {}).get("seconds", math.nan), by.get("floor", {}).get("seconds", math.nan)
         for v, r in by.items():
-            print(f"{dtype:9s} {v:10s} {r['seconds']:8.1f} {ref / r['seconds']:6.2f}x "
+            print(f"{dtype:9s} {v:10s} {r['seconds']:8.3g} {ref / r['seconds']:6.2f}x "
                   f"{r['seconds'] / floor:7.2f}x {r['peak_mb']:8.0f} {r['loss']:9.5f}")
         if "reference" in by and "rdo.py" in by:
             rel = abs(by["rdo.py"]["loss"] - by["reference"]["loss"]) / abs(by["reference"]["loss"])

@@ -1,0 +1,71 @@
+"""Operations dispatched in one RDO optimizer step (16 pairs): rdo.py, the floor, and both without the shared prefix.
+
+A small model on a GPU waits on kernel launches more than on arithmetic, so the number of operations, not FLOPs,
+is what a step costs there (an H100 ran rdo.py's step at 2.0x the floor's time while this CPU ran it at 1.17x).
+This counts them on any machine: Qwen2.5-Coder-0.5B-Instruct's config and tokenizer with 24 layers as they are
+but a tiny hidden size and random weights (the count does not depend on the width), fp32, on the 16 examples
+bench/rdo_step.py wrote. "kernels" leaves out views (view, transpose, slice, expand, ...), which launch nothing.
+
+  python bench/rdo_ops.py [--micro-batch 16]
+"""
+import argparse, collections, json, os, sys
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import common as C  # noqa: E402
+import rdo  # noqa: E402
+import rdo_step  # noqa: E402
+
+VIEWS = {"view", "_unsafe_view", "t", "transpose", "slice", "expand", "as_strided", "unsqueeze", "squeeze", "select",
+         "permute", "alias", "detach", "reshape", "split", "unbind", "split_with_sizes", "narrow", "_reshape_alias"}
+
+
+class Count(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.ops = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops[func.overloadpacket.__name__] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--micro-batch", type=int, default=16)
+    args = p.parse_args()
+    examples = "runs/bench/rdo_step_examples.json"
+    if not (os.path.isdir(rdo_step.MODEL) and os.path.isfile(examples)):
+        sys.exit(f"needs {rdo_step.MODEL} (../shared/scripts/get_test_models.py) and {examples} (bench/rdo_step.py)")
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    cfg = AutoConfig.from_pretrained(rdo_step.MODEL)
+    cfg.hidden_size, cfg.intermediate_size, cfg.num_attention_heads, cfg.num_key_value_heads = 56, 112, 14, 2
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval().requires_grad_(False)
+    model.get_output_embeddings().register_forward_pre_hook(C._dense_input)
+    tok = AutoTokenizer.from_pretrained(rdo_step.MODEL)
+    tok.padding_side = "left"
+    batch = [tuple(e) for e in json.load(open(examples))]
+    r = torch.nn.functional.normalize(torch.randn(C.hidden_size(model)), dim=0)
+    steps = {"rdo.py": lambda: rdo.loss_and_grad(model, tok, r.clone().requires_grad_(True), batch, 12.0,
+                                                 rdo_step.LAYER, rdo_step.LAMBDAS, args.micro_batch),
+             "floor": lambda: rdo_step.floor_step(model, tok, batch, args.micro_batch)}
+    shared_prefix, rows = rdo.shared_prefix, []
+    for prefix in (True, False):
+        rdo.shared_prefix = shared_prefix if prefix else (lambda *a, **k: None)
+        for name, step in steps.items():
+            with Count() as c:
+                step()
+            total = sum(c.ops.values())
+            rows.append((name, prefix, total, total - sum(n for op, n in c.ops.items() if op in VIEWS)))
+    print(f"\nops dispatched in one 16-pair RDO step, Qwen's 24 layers, micro-batch {args.micro_batch}")
+    print(f"{'variant':8s} {'shared prefix':>13s} {'all ops':>8s} {'kernels':>8s} {'vs floor':>8s}")
+    for name, prefix, total, kernels in rows:
+        floor = next(k for n, p, _, k in rows if n == "floor" and p == prefix)
+        print(f"{name:8s} {'yes' if prefix else 'no':>13s} {total:8d} {kernels:8d} {kernels / floor:7.2f}x")
+
+
+if __name__ == "__main__":
+    main()
