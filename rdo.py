@@ -223,8 +223,9 @@ def loss_and_grad(model, tok, r, batch, alpha, layer, lambdas, micro_batch):
 
     Each loss is a mean over examples, so each runs over its own micro-batches of examples sorted by length:
     less padding, and the result does not depend on micro_batch. Backward after every micro-batch bounds memory.
-    The template's prefix that every prompt shares runs once per loss, under the loss's hooks; the rows continue
-    from its keys and values (leaves of their own), whose gradients go back through the prefix pass at the end.
+    The template's prefix that every prompt shares runs once under each intervention (the ablation and retain
+    losses share theirs); the rows continue from its keys and values (leaves of their own), whose gradients go
+    back through the prefix pass at the end.
     """
     device, n = C.input_device(model), len(batch)
     harm, safe, answer, refusal, retain = zip(*batch)
@@ -234,15 +235,18 @@ def loss_and_grad(model, tok, r, batch, alpha, layer, lambdas, micro_batch):
     # the prefix runs under the same intervention as its loss's rows (the loss functions above apply them to those)
     hooks = {"abl": lambda: C.directional_ablation(model, r), "ret": lambda: C.directional_ablation(model, r),
              "add": lambda: C.activation_addition(model, alpha * r / r.norm(), layer)}
-    sums = {}
+    sums, prefixes = {}, {}  # (intervention, prefix ids) -> (prefix kv, its leaves)
     for key, prompts, targets in (("abl", harm, answer), ("add", safe, refusal), ("ret", safe, retain)):
         order = sorted(range(n), key=lambda i: n_tokens[prompts[i]] + len(targets[i]))
         prefix = shared_prefix(tok, prompts, targets, model) if r.dim() == 1 else None  # one direction per row: no sharing
-        kv = leaves = clean = None
+        leaves = clean = None
         if prefix is not None:
-            with hooks[key]():
-                kv = prefix_kv(model, prefix)
-            leaves = [tuple(t.detach().requires_grad_(t.requires_grad) for t in pair) for pair in kv]
+            which = ("add" if key == "add" else "ablate", tuple(prefix[0].tolist()))
+            if which not in prefixes:  # the retain loss reuses the ablation loss's prefix (same tokens, same hooks)
+                with hooks[key]():
+                    kv = prefix_kv(model, prefix)
+                prefixes[which] = kv, [tuple(t.detach().requires_grad_(t.requires_grad) for t in pair) for pair in kv]
+            leaves = prefixes[which][1]
             if key == "ret":
                 with torch.no_grad():
                     clean = prefix_kv(model, prefix)
@@ -254,10 +258,10 @@ def loss_and_grad(model, tok, r, batch, alpha, layer, lambdas, micro_batch):
             per_example = losses[key](b, r if r.dim() == 1 else r[idx].unsqueeze(1))
             (lambdas[key] * per_example.sum() / n).backward()
             sums[key] += per_example.sum().item() / n
-        if kv is not None:
-            grads = [(t, leaf.grad) for pair, lp in zip(kv, leaves) for t, leaf in zip(pair, lp) if leaf.grad is not None]
-            if grads:
-                torch.autograd.backward([t for t, _ in grads], [g for _, g in grads])
+    for kv, leaves in prefixes.values():  # the rows' gradients w.r.t. the prefix's keys/values, back through it
+        grads = [(t, leaf.grad) for pair, lp in zip(kv, leaves) for t, leaf in zip(pair, lp) if leaf.grad is not None]
+        if grads:
+            torch.autograd.backward([t for t, _ in grads], [g for _, g in grads])
     sums["loss"] = sum(lambdas[key] * sums[key] for key in lambdas)
     return sums
 

@@ -2,7 +2,7 @@
 
   reference  Algorithm 1 written plainly: one example at a time, each loss its own forward/backward, full logits
   rdo.py     rdo.loss_and_grad: length-sorted micro-batches, padding + masks, logits only at target positions,
-             the chat template's shared prefix run once per loss, the clean retain pass without autograd
+             the chat template's shared prefix run once per intervention, the clean retain pass without autograd
   floor      rdo.py's forward (+ backward) passes over the same tokens with no hooks and no loss bookkeeping
 Each variant runs in its own process (so that peak memory is its own): load, one warm-up step, then --repeats
 timed steps (the median is reported: this machine's speed drifts by tens of percent from minute to minute).

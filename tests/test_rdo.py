@@ -237,7 +237,9 @@ def test_the_shared_prefix_changes_nothing(family, monkeypatch):
           "retain": [[50, 51], [52, 53, 54], [55]]}
     batch = list(zip(HARMFUL[:3], HARMLESS[:3], tg["answer"], tg["refusal"], tg["retain"]))
     lam = {"abl": 1.0, "add": 0.2, "ret": 1.0}
-    assert rdo.shared_prefix(tok, HARMFUL[:3], tg["answer"], model).shape[1] == 3  # <s>, user header, newline
+    prefix = rdo.shared_prefix(tok, HARMFUL[:3], tg["answer"], model)
+    assert prefix.shape[1] == 3  # <s>, user header, newline
+    assert torch.equal(prefix, rdo.shared_prefix(tok, HARMLESS[:3], tg["retain"], model))  # ablation and retain share it
     r = torch.randn(C.hidden_size(model), dtype=torch.float64)
     r1, r2 = r.clone().requires_grad_(True), r.clone().requires_grad_(True)
     shared = rdo.loss_and_grad(model, tok, r1, batch, 3.0, 1, lam, 2)
