@@ -183,7 +183,8 @@ def main():
             rows.append({**mine[0], "seconds": median([r["seconds"] for r in mine]),
                          "cpu_seconds": median([r["cpu_seconds"] for r in mine]), "rounds": len(mine)})
     r0 = next((r for r in rows if "prefix_tokens" in r), {"prefix_tokens": "?", "rest_tokens": "?", "device": args.device})
-    print(f"\none GCG step, {'random-weight ' if args.random_weights else ''}Qwen2.5-Coder-0.5B-Instruct on {r0['device']} "
+    what = f"random weights in the shape of {args.random_weights}" if args.random_weights else "Qwen2.5-Coder-0.5B-Instruct"
+    print(f"\none GCG step, {what} on {r0['device']} "
           f"({torch.get_num_threads()} threads): search width {args.search_width}, top-k {args.topk}, suffix {args.suffix_len}, "
           f"{args.batch_size} candidates per pass, RepInd weight {args.repind_weight:g}; prefix {r0['prefix_tokens']} tokens, "
           f"then {args.suffix_len} + {r0['rest_tokens']}; median of {args.repeats} step(s) after a warm-up, {args.rounds} round(s)")

@@ -2,11 +2,11 @@
 
 A small model on a GPU waits on kernel launches more than on arithmetic, so the number of operations, not FLOPs,
 is what a step costs there (an H100 ran rdo.py's step at 2.0x the floor's time while this CPU ran it at 1.17x).
-This counts them on any machine: Qwen2.5-Coder-0.5B-Instruct's config and tokenizer with 24 layers as they are
-but a tiny hidden size and random weights (the count does not depend on the width), fp32, on the 16 examples
-bench/rdo_step.py wrote. "kernels" leaves out views (view, transpose, slice, expand, ...), which launch nothing.
+This counts them on any machine: Qwen2.5-Coder-0.5B-Instruct's config (or --config) and tokenizer with its
+layers and heads as they are but 4-wide heads and random weights (the count does not depend on the width), fp32,
+on the 16 examples bench/rdo_step.py wrote. "kernels" leaves out views (view, transpose, slice, expand, ...), which launch nothing.
 
-  python bench/rdo_ops.py [--micro-batch 16]
+  python bench/rdo_ops.py [--micro-batch 16] [--config gemma2]
 """
 import argparse, collections, json, os, sys
 
@@ -35,13 +35,16 @@ class Count(TorchDispatchMode):
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--micro-batch", type=int, default=16)
+    p.add_argument("--config", default=rdo_step.MODEL, help="a folder with another model's config.json, or a "
+                   "model type whose transformers defaults to take (gemma2: Gemma-2-2B's shape); its layers and heads are kept")
     args = p.parse_args()
     examples = "runs/bench/rdo_step_examples.json"
     if not (os.path.isdir(rdo_step.MODEL) and os.path.isfile(examples)):
         sys.exit(f"needs {rdo_step.MODEL} (../shared/scripts/get_test_models.py) and {examples} (bench/rdo_step.py)")
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-    cfg = AutoConfig.from_pretrained(rdo_step.MODEL)
-    cfg.hidden_size, cfg.intermediate_size, cfg.num_attention_heads, cfg.num_key_value_heads = 56, 112, 14, 2
+    cfg = AutoConfig.from_pretrained(args.config) if os.path.isdir(args.config) else AutoConfig.for_model(args.config)
+    cfg.head_dim = 4  # the model's layers and heads, each head 4 wide
+    cfg.hidden_size, cfg.intermediate_size = 4 * cfg.num_attention_heads, 8 * cfg.num_attention_heads
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval().requires_grad_(False)
     model.get_output_embeddings().register_forward_pre_hook(C._dense_input)
@@ -60,7 +63,8 @@ def main():
                 step()
             total = sum(c.ops.values())
             rows.append((name, prefix, total, total - sum(n for op, n in c.ops.items() if op in VIEWS)))
-    print(f"\nops dispatched in one 16-pair RDO step, Qwen's 24 layers, micro-batch {args.micro_batch}")
+    print(f"\nops dispatched in one 16-pair RDO step, {cfg.model_type}, {cfg.num_hidden_layers} layers, "
+          f"micro-batch {args.micro_batch}")
     print(f"{'variant':8s} {'shared prefix':>13s} {'all ops':>8s} {'kernels':>8s} {'vs floor':>8s}")
     for name, prefix, total, kernels in rows:
         floor = next(k for n, p, _, k in rows if n == "floor" and p == prefix)

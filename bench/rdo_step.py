@@ -177,7 +177,8 @@ def main():
             rows.append({**json.loads(line[-1]), "micro_batch": args.micro_batch, "device": args.device,
                          "random_weights": args.random_weights, "no_prefix": args.no_prefix})
             print(rows[-1], flush=True)
-    print(f"\none optimizer step, 16 pairs, {'random-weight ' if args.random_weights else ''}Qwen2.5-Coder-0.5B-Instruct on {args.device}, {torch.get_num_threads()} threads, "
+    what = f"random weights in the shape of {args.random_weights}" if args.random_weights else "Qwen2.5-Coder-0.5B-Instruct"
+    print(f"\none optimizer step, 16 pairs, {what} on {args.device}, {torch.get_num_threads()} threads, "
           f"micro-batch {args.micro_batch}, median of {args.repeats}{', no shared prefix' if args.no_prefix else ''}")
     print(f"{'dtype':9s} {'variant':10s} {'seconds':>8s} {'vs ref':>7s} {'vs floor':>8s} {'peak MB':>8s} {'loss':>9s}")
     for dtype in args.dtypes:
