@@ -233,7 +233,8 @@ def loss_and_grad(model, tok, r, batch, alpha, layer, lambdas, micro_batch):
     losses = {"abl": lambda b, r: ablation_loss(model, r, b), "add": lambda b, r: addition_loss(model, r, b, alpha, layer),
               "ret": lambda b, r: retain_loss(model, r, b)}
     # the prefix runs under the same intervention as its loss's rows (the loss functions above apply them to those)
-    hooks = {"abl": lambda: C.directional_ablation(model, r), "ret": lambda: C.directional_ablation(model, r),
+    intervention = {"abl": "ablate", "ret": "ablate", "add": "add"}
+    hooks = {"ablate": lambda: C.directional_ablation(model, r),
              "add": lambda: C.activation_addition(model, alpha * r / r.norm(), layer)}
     sums, prefixes = {}, {}  # (intervention, prefix ids) -> (prefix kv, its leaves)
     for key, prompts, targets in (("abl", harm, answer), ("add", safe, refusal), ("ret", safe, retain)):
@@ -241,9 +242,9 @@ def loss_and_grad(model, tok, r, batch, alpha, layer, lambdas, micro_batch):
         prefix = shared_prefix(tok, prompts, targets, model) if r.dim() == 1 else None  # one direction per row: no sharing
         leaves = clean = None
         if prefix is not None:
-            which = ("add" if key == "add" else "ablate", tuple(prefix[0].tolist()))
+            which = (intervention[key], tuple(prefix[0].tolist()))
             if which not in prefixes:  # the retain loss reuses the ablation loss's prefix (same tokens, same hooks)
-                with hooks[key]():
+                with hooks[which[0]]():
                     kv = prefix_kv(model, prefix)
                 prefixes[which] = kv, [tuple(t.detach().requires_grad_(t.requires_grad) for t in pair) for pair in kv]
             leaves = prefixes[which][1]
