@@ -43,9 +43,10 @@ def measure(model, tok, harm, safe, direction=None, alpha=None, layer=None, max_
             "completions": {"harmful_ablated": hc, "harmless_added": sc}}
 
 
-def random_model(folder, device, dtype):
-    """Random weights in the shape of the model whose config.json and tokenizer are in `folder`, set up as
-    C.load_model sets up a loaded model: speed only (a GPU machine here cannot take the 1 GB of real weights)."""
+def random_model(folder, device, dtype, config=None):
+    """Random weights in the shape of the model whose config.json and tokenizer are in `folder` (or of `config`,
+    with the folder's tokenizer), set up as C.load_model sets up a loaded model: speed only (a GPU machine here
+    cannot take the 1 GB of real weights)."""
     import transformers
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
     tok = AutoTokenizer.from_pretrained(folder)
@@ -54,7 +55,7 @@ def random_model(folder, device, dtype):
     key = "dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype"  # nanoGCG's 4.47.1 too
     torch.manual_seed(0)
     with torch.device(C.pick_device(device)):  # random init on the GPU: seconds instead of a minute
-        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(folder), **{key: C.pick_dtype(dtype, device)})
+        model = AutoModelForCausalLM.from_config(config or AutoConfig.from_pretrained(folder), **{key: C.pick_dtype(dtype, device)})
     model.eval().requires_grad_(False)
     model.get_output_embeddings().register_forward_pre_hook(C._dense_input)
     return model, tok

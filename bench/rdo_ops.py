@@ -17,6 +17,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import common as C  # noqa: E402
 import rdo  # noqa: E402
 import rdo_step  # noqa: E402
+from evalkit import random_model  # noqa: E402
 
 VIEWS = {"view", "_unsafe_view", "t", "transpose", "slice", "expand", "as_strided", "unsqueeze", "squeeze", "select",
          "permute", "alias", "detach", "reshape", "split", "unbind", "split_with_sizes", "narrow", "_reshape_alias"}
@@ -41,15 +42,11 @@ def main():
     examples = "runs/bench/rdo_step_examples.json"
     if not (os.path.isdir(rdo_step.MODEL) and os.path.isfile(examples)):
         sys.exit(f"needs {rdo_step.MODEL} (../shared/scripts/get_test_models.py) and {examples} (bench/rdo_step.py)")
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig
     cfg = AutoConfig.from_pretrained(args.config) if os.path.isdir(args.config) else AutoConfig.for_model(args.config)
     cfg.head_dim = 4  # the model's layers and heads, each head 4 wide
     cfg.hidden_size, cfg.intermediate_size = 4 * cfg.num_attention_heads, 8 * cfg.num_attention_heads
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval().requires_grad_(False)
-    model.get_output_embeddings().register_forward_pre_hook(C._dense_input)
-    tok = AutoTokenizer.from_pretrained(rdo_step.MODEL)
-    tok.padding_side = "left"
+    model, tok = random_model(rdo_step.MODEL, "cpu", "float32", cfg)  # Qwen's tokenizer: the examples are its ids
     batch = [tuple(e) for e in json.load(open(examples))]
     r = torch.nn.functional.normalize(torch.randn(C.hidden_size(model)), dim=0)
     steps = {"rdo.py": lambda: rdo.loss_and_grad(model, tok, r.clone().requires_grad_(True), batch, 12.0,
