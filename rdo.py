@@ -16,8 +16,9 @@ Usage:
   python rdo.py --model Qwen/Qwen2.5-1.5B-Instruct --dim runs/Qwen2.5-1.5B-Instruct/dim/dim.safetensors
   python rdo.py ... --orthogonal-to runs/.../dim/dim.safetensors --out runs/x/rdo_perp   # RDO-perp
   python rdo.py ... --resume                                       # after Ctrl-C or a crash
-Writes DIR/rdo.safetensors (tensor `direction`, unit norm) and DIR/rdo.json (layer, alpha, loss history, the
-chosen step and its scores, flags, versions); DIR/rdo_checkpoint.pt while training.
+Writes DIR/rdo.safetensors (tensor `direction`, unit norm; `iterates`, every step's r, to choose again with other
+thresholds) and DIR/rdo.json (layer, alpha, loss history, the chosen step and its scores, flags, versions);
+DIR/rdo_checkpoint.pt while training.
 """
 import argparse, hashlib, json, math, os, time
 from types import SimpleNamespace
@@ -437,7 +438,7 @@ def main(argv=None):
             "max_abs_cos_with_orthogonal_to": None if basis is None else (basis.cpu() @ direction).abs().max().item(),
             "data": {"train_pairs": n, "harmful_val": len(S.harm_val), "harmless_val": len(S.safe_val)},
             "seconds": round(time.time() - t0, 1)}
-    path = C.save_result(out, "rdo", {"direction": direction}, meta)
+    path = C.save_result(out, "rdo", {"direction": direction, "iterates": torch.stack(state["iterates"])}, meta)
     os.remove(ckpt_path)
     print(f"chose step {chosen['step']}: bypass {chosen['bypass']:.3f}, induce {chosen['induce']:.3f}, "
           f"kl {chosen['kl']:.4f}\nwrote {path}, {out}/rdo.json in {time.time() - t0:.0f}s")

@@ -179,6 +179,10 @@ def test_resume_reaches_the_same_direction(setup, monkeypatch):
     rdo.main(base + ["--out", str(tmp / "part"), "--resume"])
     part, meta_part = C.load_result(str(tmp / "part" / "rdo.safetensors"))
     torch.testing.assert_close(part["direction"], full["direction"], rtol=0, atol=1e-6)
+    torch.testing.assert_close(part["iterates"], full["iterates"], rtol=0, atol=1e-6)  # the resumed run's too
+    assert full["iterates"].shape == (4, full["direction"].numel())  # every step's r, for choosing again
+    assert torch.equal(full["iterates"][meta_full["chosen_step"]], full["direction"])
+    assert full["iterates"].norm(dim=1).sub(1).abs().max() < 1e-5
     assert [h["loss"] for h in meta_part["history"]] == pytest.approx([h["loss"] for h in meta_full["history"]], rel=1e-6)
 
 
