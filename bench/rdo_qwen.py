@@ -9,11 +9,14 @@ measures RDO and DIM on the same 64 + 64 held-out prompts (64 new tokens, substr
 Needs bench/dim_qwen.py's result first (runs/bench/dim_qwen/selected/dim.safetensors).
 
   python bench/rdo_qwen.py [--n-train 256] [--lambda-ret 1.0] [--out runs/bench/rdo_qwen]
+  python bench/rdo_qwen.py --out runs/bench/rdo_qwen --reselect --kl-threshold 0.02   # no training: choose
+      again among that run's saved iterates with another KL bound (writes bench_rdo_qwen_kl0.02.json)
 """
 import argparse, json, os, sys, time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import common as C  # noqa: E402
+import dim  # noqa: E402
 import rdo  # noqa: E402
 from evalkit import QWEN, held_out, measure, split_args  # noqa: E402
 
@@ -23,24 +26,43 @@ p.add_argument("--out", default="runs/bench/rdo_qwen")
 p.add_argument("--n-train", type=int, default=256)
 p.add_argument("--max-steps", type=int, default=None)
 p.add_argument("--lambda-ret", type=float, default=1.0)
+p.add_argument("--lambda-add", type=float, default=0.2)
 p.add_argument("--layer", type=int, default=None, help="RDO layer (default: the DIM layer)")
 p.add_argument("--seed", type=int, default=0)
 p.add_argument("--n-eval", type=int, default=64)
+p.add_argument("--lr", type=float, default=0.01)
+p.add_argument("--kl-threshold", type=float, default=0.1, help="the selection's KL bound (rdo.py's flag)")
 p.add_argument("--skip-train", action="store_true", help="evaluate an existing rdo.py result in --out")
+p.add_argument("--reselect", action="store_true", help="no training: choose again among the iterates saved by "
+               "--out's run, with --kl-threshold, and evaluate that one (rdo.safetensors is left as it is)")
 args = p.parse_args()
 if not os.path.isfile(args.dim):
     sys.exit(f"{args.dim} not found: run bench/dim_qwen.py first")
 
 t0 = time.time()
-if not args.skip_train:
-    rdo.main(["--model", QWEN, "--dim", args.dim, *split_args(), "--n-train", str(args.n_train),
-              "--n-val", "32", "--select-last", "20", "--lambda-ret", str(args.lambda_ret), "--seed", str(args.seed),
-              "--out", args.out, "--overwrite"] + (["--max-steps", str(args.max_steps)] if args.max_steps else [])
-             + (["--layer", str(args.layer)] if args.layer is not None else []))
+rdo_argv = ["--model", QWEN, "--dim", args.dim, *split_args(), "--n-train", str(args.n_train), "--n-val", "32",
+            "--select-last", "20", "--lambda-ret", str(args.lambda_ret), "--lambda-add", str(args.lambda_add), "--lr", str(args.lr), "--seed", str(args.seed),
+            "--kl-threshold", str(args.kl_threshold), "--out", args.out, "--overwrite"]
+rdo_argv += (["--max-steps", str(args.max_steps)] if args.max_steps else []) + (["--layer", str(args.layer)] if args.layer is not None else [])
+if not (args.skip_train or args.reselect):
+    rdo.main(rdo_argv)
 t_rdo = time.time() - t0
 
 model, tok = C.load_model(QWEN)
-rdo_vec, rdo_meta = C.load_direction(os.path.join(args.out, "rdo.safetensors"), model)
+rdo_path = os.path.join(args.out, "rdo.safetensors")
+rdo_vec, rdo_meta = C.load_direction(rdo_path, model)
+out_json = os.path.join(args.out, "bench_rdo_qwen.json")
+if args.reselect:  # the same val prompts and scores as rdo.py's own selection, another bound
+    iterates = C.load_direction(rdo_path, model, key="iterates")[0]
+    rargs = rdo.parse_args(rdo_argv)
+    _, harm_val, _, safe_val = dim.load_data(rargs)
+    steps = list(range(len(iterates)))[-rargs.select_last:]
+    chosen, scored = rdo.select_iterate(model, tok, [iterates[i].to(model.device) for i in steps], steps,
+                                        rdo_meta["alpha"], rdo_meta["layer"], harm_val, safe_val, rargs)
+    print(f"kl <= {args.kl_threshold}: chose step {chosen['step']} (rdo.py chose {rdo_meta['chosen_step']})")
+    rdo_vec = iterates[chosen["step"]]
+    rdo_meta = {**rdo_meta, "chosen_step": chosen["step"], "chosen_scores": chosen}
+    out_json = os.path.join(args.out, f"bench_rdo_qwen_kl{args.kl_threshold:g}.json")
 dim_vec, dim_meta = C.load_direction(args.dim, model)
 alpha, layer = rdo_meta["alpha"], rdo_meta["layer"]
 harm, safe = held_out(args.n_eval)
@@ -65,6 +87,7 @@ checks = {"ablation within 5 points of DIM": rdo_res["harmful_refusal"] <= dim_r
 for k, ok in checks.items():
     print(f"  {'yes' if ok else 'NO '}  {k}")
 print(f"rdo.py {t_rdo:.0f} s, evaluation {t_eval:.0f} s, total {time.time() - t0:.0f} s")
-C.save_json(os.path.join(args.out, "bench_rdo_qwen.json"), {"args": vars(args), "dim": dim_res, "rdo": rdo_res, "baseline": base,
-                                                            "checks": checks, "seconds_rdo": t_rdo, "seconds_eval": t_eval})
-print(f"wrote {args.out}/bench_rdo_qwen.json")
+C.save_json(out_json, {"args": vars(args), "dim": dim_res, "rdo": rdo_res, "baseline": base, "checks": checks,
+                       "chosen_step": rdo_meta["chosen_step"], "chosen_scores": rdo_meta["chosen_scores"],
+                       "seconds_rdo": t_rdo, "seconds_eval": t_eval})
+print(f"wrote {out_json}")
