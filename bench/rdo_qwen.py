@@ -31,6 +31,7 @@ p.add_argument("--layer", type=int, default=None, help="RDO layer (default: the 
 p.add_argument("--seed", type=int, default=0)
 p.add_argument("--n-eval", type=int, default=64)
 p.add_argument("--lr", type=float, default=0.01)
+p.add_argument("--patience", type=int, default=5, help="plateau steps before lr / 10 (rdo.py's flag)")
 p.add_argument("--kl-threshold", type=float, default=0.1, help="the selection's KL bound (rdo.py's flag)")
 p.add_argument("--skip-train", action="store_true", help="evaluate an existing rdo.py result in --out")
 p.add_argument("--reselect", action="store_true", help="no training: choose again among the iterates saved by "
@@ -41,9 +42,10 @@ if not os.path.isfile(args.dim):
 
 t0 = time.time()
 rdo_argv = ["--model", QWEN, "--dim", args.dim, *split_args(), "--n-train", str(args.n_train), "--n-val", "32",
-            "--select-last", "20", "--lambda-ret", str(args.lambda_ret), "--lambda-add", str(args.lambda_add), "--lr", str(args.lr), "--seed", str(args.seed),
-            "--kl-threshold", str(args.kl_threshold), "--out", args.out, "--overwrite"]
-rdo_argv += (["--max-steps", str(args.max_steps)] if args.max_steps else []) + (["--layer", str(args.layer)] if args.layer is not None else [])
+            "--select-last", "20", "--seed", str(args.seed), "--out", args.out, "--overwrite"]
+for flag in ("lambda_ret", "lambda_add", "lr", "patience", "kl_threshold", "max_steps", "layer"):
+    if getattr(args, flag) is not None:
+        rdo_argv += ["--" + flag.replace("_", "-"), str(getattr(args, flag))]
 if not (args.skip_train or args.reselect):
     rdo.main(rdo_argv)
 t_rdo = time.time() - t0
