@@ -27,6 +27,7 @@ p.add_argument("--dim", default="runs/bench/dim_qwen/selected/dim.safetensors")
 p.add_argument("--out", default="runs/bench/rdo_qwen")
 p.add_argument("--n-train", type=int, default=256)
 p.add_argument("--max-steps", type=int, default=None)
+p.add_argument("--epochs", type=int, default=1)
 p.add_argument("--lambda-ret", type=float, default=1.0)
 p.add_argument("--lambda-add", type=float, default=0.2)
 p.add_argument("--layer", type=int, default=None, help="RDO layer (default: the DIM layer)")
@@ -45,7 +46,7 @@ if not os.path.isfile(args.dim):
 t0 = time.time()
 rdo_argv = ["--model", QWEN, "--dim", args.dim, *split_args(), "--n-train", str(args.n_train), "--n-val", "32",
             "--select-last", "20", "--seed", str(args.seed), "--out", args.out, "--overwrite"]
-for flag in ("lambda_ret", "lambda_add", "lr", "patience", "kl_threshold", "max_steps", "layer"):
+for flag in ("lambda_ret", "lambda_add", "lr", "patience", "kl_threshold", "max_steps", "epochs", "layer"):
     if getattr(args, flag) is not None:
         rdo_argv += ["--" + flag.replace("_", "-"), str(getattr(args, flag))]
 if not (args.skip_train or args.reselect):
