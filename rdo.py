@@ -53,7 +53,7 @@ def training_parser(doc, method):
     a("--retain-tokens", type=int, default=29, help="length of t_retain (no intervention, harmless prompts)")
     a("--refusal-tokens", type=int, default=32, help="t_refusal (DIM added, harmless prompts): at most this many tokens, cut after the first sentence")
     a("--patience", type=int, default=5, help="steps without improvement before lr / 10 (the paper's 5; each step's "
-      "loss is one batch's, so an easy batch can drop the lr early: on Qwen2.5-0.5B 10 gave a better direction, README)")
+      "loss is one batch's, so an easy batch can drop the lr early: on Qwen2.5-0.5B, seed 0, 10 gave a better direction; README)")
     a("--lr-drops", type=int, default=2, help="lr reductions before the next plateau stops training")
     a("--select-last", type=int, default=20, help="choose the final direction among this many last iterates")
     a("--kl-threshold", type=float, default=0.1, help="selection: discard iterates whose ablation KL exceeds this")
