@@ -316,12 +316,14 @@ def new_state():
     return {"step": 0, "plateau": {"best": math.inf, "bad": 0, "drops": 0}, "history": [], "iterates": [], "done": False}
 
 
-def select_iterate(model, tok, iterates, steps, alpha, layer, harm_val, safe_val, args):
-    """Arditi et al.'s selection over the last iterates: KL <= threshold and induce >= 0, then lowest bypass."""
+def select_iterate(model, tok, iterates, alpha, layer, harm_val, safe_val, args):
+    """Arditi et al.'s selection over the last --select-last of a run's iterates (step i's r at index i):
+    KL <= threshold and induce >= 0, then lowest bypass."""
     refusal_ids = C.refusal_token_ids(tok)
     base_safe = C.last_logits(model, tok, safe_val, args.batch_size)
     scored = []
-    for step, r in tqdm(list(zip(steps, iterates)), desc="selection"):
+    for step in tqdm(range(len(iterates))[-args.select_last:], desc="selection"):
+        r = iterates[step].to(C.input_device(model))
         s = dim.score_direction(model, tok, alpha * r, layer, harm_val, safe_val, base_safe, refusal_ids, args.batch_size)
         scored.append({"step": step, **s, "discarded": dim.discard_reasons(s, args.kl_threshold, args.induce_threshold)})
     kept = [s for s in scored if not s["discarded"]]
@@ -429,9 +431,7 @@ def main(argv=None):
     bar.close()
 
     # choose the final direction among the last iterates, as the paper does (Appendix A.3)
-    last = list(range(len(state["iterates"])))[-args.select_last:]
-    chosen, scored = select_iterate(model, tok, [state["iterates"][i].to(device) for i in last], last, alpha, layer,
-                                    S.harm_val, S.safe_val, args)
+    chosen, scored = select_iterate(model, tok, state["iterates"], alpha, layer, S.harm_val, S.safe_val, args)
     direction = state["iterates"][chosen["step"]]
     meta = {"model": args.model, "layer": layer, "alpha": alpha, **C.provenance(args), "dim": args.dim, "dim_layer": S.dim_layer,
             "dim_alpha": dim_vec.norm().item(), "orthogonal_to": args.orthogonal_to, "chosen_step": chosen["step"],

@@ -222,9 +222,7 @@ def main(argv=None):
                 ck["train"] = train
                 save()
             state = train_candidate(S, args, seed, lambda: activations(others), others, ck["train"], save_step)
-            last = list(range(len(state["iterates"])))[-args.select_last:]
-            chosen, scored = rdo.select_iterate(model, tok, [state["iterates"][i].to(device) for i in last], last,
-                                                alpha, layer, harm_val, safe_val, args)
+            chosen, scored = rdo.select_iterate(model, tok, state["iterates"], alpha, layer, harm_val, safe_val, args)
             ck["cands"].append({"seed": seed, "chosen_step": chosen["step"], "scores": chosen, "selection": scored,
                                 "history": state["history"], "direction": state["iterates"][chosen["step"]]})
             ck["train"] = None

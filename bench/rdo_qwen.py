@@ -61,9 +61,7 @@ if args.reselect:  # the same val prompts and scores as rdo.py's own selection, 
     iterates = C.load_direction(rdo_path, model, key="iterates")[0]
     rargs = rdo.parse_args(rdo_argv)
     _, harm_val, _, safe_val = dim.load_data(rargs)
-    steps = list(range(len(iterates)))[-rargs.select_last:]
-    chosen, scored = rdo.select_iterate(model, tok, [iterates[i].to(model.device) for i in steps], steps,
-                                        rdo_meta["alpha"], rdo_meta["layer"], harm_val, safe_val, rargs)
+    chosen, scored = rdo.select_iterate(model, tok, iterates, rdo_meta["alpha"], rdo_meta["layer"], harm_val, safe_val, rargs)
     print(f"kl <= {args.kl_threshold}: chose step {chosen['step']} (rdo.py chose {rdo_meta['chosen_step']})")
     rdo_vec = iterates[chosen["step"]]
     rdo_meta = {**rdo_meta, "chosen_step": chosen["step"], "chosen_scores": chosen}

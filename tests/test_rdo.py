@@ -208,7 +208,7 @@ def test_selection_falls_back_to_the_kl_filter_then_to_anything(monkeypatch):
     table = {0: {"bypass": -5.0, "induce": -1.0, "kl": 0.5}, 1: {"bypass": -3.0, "induce": -1.0, "kl": 0.05},
              2: {"bypass": -1.0, "induce": 1.0, "kl": 0.05}}
     monkeypatch.setattr(rdo.dim, "score_direction", lambda model, tok, v, *a: dict(table[int(v[0].item())]))
-    pick = lambda: rdo.select_iterate(model, tok, [torch.full((32,), float(i)) for i in table], list(table), 1.0, 1,
+    pick = lambda: rdo.select_iterate(model, tok, [torch.full((32,), float(i)) for i in table], 1.0, 1,
                                       HARMFUL[:2], HARMLESS[:2], args)[0]["step"]
     assert pick() == 2  # the only one passing every filter, although its bypass is the worst
     table[2]["induce"] = -1.0
