@@ -93,11 +93,14 @@ def bypass_scores(S, dirs, refusal_ids, args):
     return out
 
 
-def select_basis(S, iterates, steps, args):
-    """Among the last iterates: a basis whose vectors all pass the DIM filters (lowest mean bypass score), else
-    the basis whose cone samples have the lowest mean bypass score (the same samples for every candidate)."""
+def select_basis(S, iterates, args):
+    """Among the last --select-last of a run's iterates (step i's basis at index i): a basis whose vectors all pass
+    the DIM filters (lowest mean bypass score), else the basis whose cone samples have the lowest mean bypass score
+    (the same samples for every candidate)."""
     refusal_ids = C.refusal_token_ids(S.tok)
     base_safe = C.last_logits(S.model, S.tok, S.safe_val, args.batch_size)
+    steps = list(range(len(iterates)))[-args.select_last:]
+    iterates = [iterates[i].to(S.device) for i in steps]
     scored = []
     for step, B in tqdm(list(zip(steps, iterates)), desc="selection"):
         vecs = [dim.score_direction(S.model, S.tok, S.alpha * b, S.layer, S.harm_val, S.safe_val, base_safe, refusal_ids,
@@ -215,8 +218,7 @@ def main(argv=None):
                        f"lr {opt.param_groups[0]['lr']:.0e}" + (", plateau: stop" if state["done"] else ""))
         bar.close()
 
-        last = list(range(len(state["iterates"])))[-args.select_last:]
-        chosen, scored = select_basis(S, [state["iterates"][i].to(device) for i in last], last, args)
+        chosen, scored = select_basis(S, state["iterates"], args)
         basis = state["iterates"][chosen["step"]]
         results[k] = evaluate_cone(S, basis.to(device), args)
         q = results[k]["samples"]["bypass_quartiles"]
