@@ -13,6 +13,8 @@ Needs bench/dim_qwen.py's result first (runs/bench/dim_qwen/selected/dim.safeten
       README's best: beats DIM at ablation (refusal and KL), not at addition
   python bench/rdo_qwen.py --out runs/bench/rdo_qwen --reselect --kl-threshold 0.02   # no training: choose
       again among that run's saved iterates with another KL bound (writes bench_rdo_qwen_kl0.02.json)
+  python bench/rdo_qwen.py --out runs/bench/A --reselect --pool runs/bench/B runs/bench/C   # one selection over
+      several seeds' iterates (writes A/bench_rdo_qwen_pool_kl0.1.json)
 """
 import argparse, json, os, sys, time
 
@@ -39,6 +41,8 @@ p.add_argument("--kl-threshold", type=float, default=0.1, help="the selection's 
 p.add_argument("--skip-train", action="store_true", help="evaluate an existing rdo.py result in --out")
 p.add_argument("--reselect", action="store_true", help="no training: choose again among the iterates saved by "
                "--out's run, with --kl-threshold, and evaluate that one (rdo.safetensors is left as it is)")
+p.add_argument("--pool", nargs="+", default=[], metavar="DIR", help="with --reselect: one selection over the last 20 "
+               "iterates of --out's run and of these runs too (other seeds of the same DIM, layer and alpha)")
 args = p.parse_args()
 if not os.path.isfile(args.dim):
     sys.exit(f"{args.dim} not found: run bench/dim_qwen.py first")
@@ -54,18 +58,25 @@ if not (args.skip_train or args.reselect):
 t_rdo = time.time() - t0
 
 model, tok = C.load_model(QWEN)
-rdo_path = os.path.join(args.out, "rdo.safetensors")
-rdo_vec, rdo_meta = C.load_direction(rdo_path, model)
+rdo_vec, rdo_meta = C.load_direction(os.path.join(args.out, "rdo.safetensors"), model)
 out_json = os.path.join(args.out, "bench_rdo_qwen.json")
-if args.reselect:  # the same val prompts and scores as rdo.py's own selection, another bound
-    iterates = C.load_direction(rdo_path, model, key="iterates")[0]
-    rargs = rdo.parse_args(rdo_argv)
+if args.reselect:  # the same val prompts and scores as rdo.py's own selection, another bound, maybe several runs
+    candidates = []  # (run, step, iterate): the last 20 of each run, in one list for one selection
+    for run in [args.out, *args.pool]:
+        tensors, meta = C.load_result(os.path.join(run, "rdo.safetensors"))
+        if (meta["alpha"], meta["layer"]) != (rdo_meta["alpha"], rdo_meta["layer"]):
+            sys.exit(f"{run} has another layer or alpha than {args.out}: pool runs of the same DIM only")
+        iterates = C.check_direction(model, tensors["iterates"], run)
+        candidates += [(run, step, iterates[step]) for step in range(len(iterates))[-20:]]
+    rargs = rdo.parse_args(rdo_argv + ["--select-last", str(len(candidates))])
     _, harm_val, _, safe_val = dim.load_data(rargs)
-    chosen, scored = rdo.select_iterate(model, tok, iterates, rdo_meta["alpha"], rdo_meta["layer"], harm_val, safe_val, rargs)
-    print(f"kl <= {args.kl_threshold}: chose step {chosen['step']} (rdo.py chose {rdo_meta['chosen_step']})")
-    rdo_vec = iterates[chosen["step"]]
-    rdo_meta = {**rdo_meta, "chosen_step": chosen["step"], "chosen_scores": chosen}
-    out_json = os.path.join(args.out, f"bench_rdo_qwen_kl{args.kl_threshold:g}.json")
+    chosen, scored = rdo.select_iterate(model, tok, [c[2] for c in candidates], rdo_meta["alpha"], rdo_meta["layer"],
+                                        harm_val, safe_val, rargs)
+    run, step, rdo_vec = candidates[chosen["step"]]
+    print(f"kl <= {args.kl_threshold}: chose candidate {chosen['step']} of {len(candidates)}, step {step} of {run} "
+          f"(rdo.py chose step {rdo_meta['chosen_step']} of {args.out})")
+    rdo_meta = {**rdo_meta, "chosen_step": step, "chosen_scores": {**chosen, "step": step, "run": run}}
+    out_json = os.path.join(args.out, f"bench_rdo_qwen{'_pool' if args.pool else ''}_kl{args.kl_threshold:g}.json")
 dim_vec, dim_meta = C.load_direction(args.dim, model)
 alpha, layer = rdo_meta["alpha"], rdo_meta["layer"]
 harm, safe = held_out(args.n_eval)
