@@ -16,6 +16,7 @@ Usage:
   python rdo.py --model Qwen/Qwen2.5-1.5B-Instruct --dim runs/Qwen2.5-1.5B-Instruct/dim/dim.safetensors
   python rdo.py ... --orthogonal-to runs/.../dim/dim.safetensors --out runs/x/rdo_perp   # RDO-perp
   python rdo.py ... --resume                                       # after Ctrl-C or a crash
+  python rdo.py ... --init dim                                     # start from the DIM direction, not at random
 Writes DIR/rdo.safetensors (tensor `direction`, unit norm; `iterates`, every step's r, to choose again with other
 thresholds) and DIR/rdo.json (layer, alpha, loss history, the chosen step and its scores, flags, versions);
 DIR/rdo_checkpoint.pt while training.
@@ -67,7 +68,11 @@ def parse_args(argv=None):
     p = training_parser(__doc__, "rdo")
     p.add_argument("--orthogonal-to", nargs="+", default=[], metavar="FILE",
                    help="RDO-perp: stay orthogonal to these directions")
+    p.add_argument("--init", default=None, metavar="FILE", help="start from this direction (a .safetensors file, or "
+                   "'dim' for the DIM direction) instead of a random one, as the paper does; the seed still draws the "
+                   "batches (on Qwen2.5-0.5B the random start decided which optimum RDO reached: README)")
     return p.parse_args(argv)
+
 
 
 # ----------------------------------------------------------------------------- DIM: alpha, layer, targets
@@ -282,6 +287,23 @@ def project_out(r, basis):
     return r if basis is None else r - (r @ basis.T) @ basis
 
 
+def initial_direction(args, model, dim_vec, basis, g):
+    """Algorithm 1, line 1: r on the unit sphere, random (the paper) or --init; orthogonal to `basis` for RDO-perp.
+    The random draw happens either way, so that a seed gives the same batches with and without --init."""
+    d = C.hidden_size(model)
+    r = torch.randn(d, generator=g).to(C.input_device(model))
+    if args.init:
+        vecs = (dim_vec if args.init == "dim" else C.load_direction(args.init, model)[0]).reshape(-1, d)
+        if len(vecs) != 1:
+            raise C.RefusalError(f"--init {args.init} holds {len(vecs)} directions; rdo.py starts from one")
+        r = vecs[0].to(r)
+        r = r / r.norm()
+    r = project_out(r, basis)
+    if r.norm() < 1e-3:
+        raise C.RefusalError(f"--init {args.init} lies in the span of --orthogonal-to: nothing is left to start from")
+    return r / r.norm()
+
+
 def plateau_step(state, loss, patience, max_drops):
     """lr / 10 after `patience` steps without a new best loss, at most `max_drops` times; then stop.
 
@@ -393,8 +415,9 @@ def main(argv=None):
 
     # Algorithm 1, line 1: initialise r randomly (on the sphere; orthogonal to the given directions for RDO-perp)
     g = torch.Generator().manual_seed(args.seed)
-    r = project_out(torch.randn(C.hidden_size(model), generator=g).to(device), basis)
-    r = (r / r.norm()).requires_grad_(True)
+    r = initial_direction(args, model, dim_vec, basis, g).requires_grad_(True)
+    if args.init:  # a checkpoint of another start must not be resumed from this one (old checkpoints lack the key)
+        run_key = {**run_key, "init": args.init}
     opt = torch.optim.AdamW([r], lr=args.lr, betas=tuple(args.betas), weight_decay=0.0)
     order = torch.cat([torch.randperm(n, generator=g) for _ in range(args.epochs)])
     state = new_state()
@@ -434,8 +457,8 @@ def main(argv=None):
     chosen, scored = select_iterate(model, tok, state["iterates"], alpha, layer, S.harm_val, S.safe_val, args)
     direction = state["iterates"][chosen["step"]]
     meta = {"model": args.model, "layer": layer, "alpha": alpha, **C.provenance(args), "dim": args.dim, "dim_layer": S.dim_layer,
-            "dim_alpha": dim_vec.norm().item(), "orthogonal_to": args.orthogonal_to, "chosen_step": chosen["step"],
-            "chosen_scores": chosen, "selection": scored, "history": state["history"],
+            "dim_alpha": dim_vec.norm().item(), "orthogonal_to": args.orthogonal_to, "init": args.init or "random",
+            "chosen_step": chosen["step"], "chosen_scores": chosen, "selection": scored, "history": state["history"],
             "max_abs_cos_with_orthogonal_to": None if basis is None else (basis.cpu() @ direction).abs().max().item(),
             "data": {"train_pairs": n, "harmful_val": len(S.harm_val), "harmless_val": len(S.safe_val)},
             "seconds": round(time.time() - t0, 1)}

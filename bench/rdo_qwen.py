@@ -34,6 +34,7 @@ p.add_argument("--lambda-ret", type=float, default=1.0)
 p.add_argument("--lambda-add", type=float, default=0.2)
 p.add_argument("--layer", type=int, default=None, help="RDO layer (default: the DIM layer)")
 p.add_argument("--seed", type=int, default=0)
+p.add_argument("--init", default=None, help="rdo.py's --init: a direction file, or 'dim' (default: random, the paper's)")
 p.add_argument("--n-eval", type=int, default=64)
 p.add_argument("--lr", type=float, default=0.01)
 p.add_argument("--patience", type=int, default=5, help="plateau steps before lr / 10 (rdo.py's flag)")
@@ -50,7 +51,7 @@ if not os.path.isfile(args.dim):
 t0 = time.time()
 rdo_argv = ["--model", QWEN, "--dim", args.dim, *split_args(), "--n-train", str(args.n_train), "--n-val", "32",
             "--select-last", "20", "--seed", str(args.seed), "--out", args.out, "--overwrite"]
-for flag in ("lambda_ret", "lambda_add", "lr", "patience", "kl_threshold", "max_steps", "epochs", "layer"):
+for flag in ("lambda_ret", "lambda_add", "lr", "patience", "kl_threshold", "max_steps", "epochs", "layer", "init"):
     if getattr(args, flag) is not None:
         rdo_argv += ["--" + flag.replace("_", "-"), str(getattr(args, flag))]
 if not (args.skip_train or args.reselect):

@@ -264,3 +264,31 @@ def test_same_seed_same_direction_other_seed_another(setup):
     assert torch.equal(a, b)
     assert (a @ c).abs() < 0.9
     assert json.load(open(tmp / "a" / "rdo.json"))["seed"] == 0 and json.load(open(tmp / "c" / "rdo.json"))["seed"] == 1
+
+
+def test_init_starts_from_the_given_direction_with_the_same_batches(setup):
+    base, tmp, dim_file = setup
+    still = base + ["--max-steps", "2", "--lr", "0"]  # lr 0: the iterates stay where they started
+    rdo.main(still + ["--out", str(tmp / "dim"), "--init", "dim"])
+    v = C.load_result(dim_file)[0]["direction"]
+    other = C.save_result(str(tmp / "other"), "x", {"direction": torch.randn(v.shape[0]) * 3}, {})
+    rdo.main(still + ["--out", str(tmp / "file"), "--init", other])
+    rdo.main(still + ["--out", str(tmp / "random")])
+    its = {k: C.load_result(str(tmp / k / "rdo.safetensors"))[0]["iterates"] for k in ("dim", "file", "random")}
+    w = C.load_result(other)[0]["direction"]
+    assert torch.allclose(its["dim"], (v / v.norm()).expand(2, -1), atol=1e-6)
+    assert torch.allclose(its["file"], (w / w.norm()).expand(2, -1), atol=1e-6)
+    assert (its["random"][0] @ v / v.norm()).abs() < 0.9
+    history = {k: json.load(open(tmp / k / "rdo.json"))["history"] for k in ("dim", "random")}
+    assert history["dim"][0]["loss"] != history["random"][0]["loss"]  # another start ...
+    assert json.load(open(tmp / "dim" / "rdo.json"))["init"] == "dim"  # ... recorded in the sidecar
+
+
+def test_init_errors(setup):
+    base, tmp, dim_file = setup
+    with pytest.raises(C.RefusalError, match="span of --orthogonal-to"):
+        rdo.main(base + ["--out", str(tmp / "a"), "--init", "dim", "--orthogonal-to", dim_file, "--max-steps", "1"])
+    d = C.load_result(dim_file)[0]["direction"].shape[0]
+    two = C.save_result(str(tmp / "two"), "x", {"directions": torch.randn(2, d)}, {})
+    with pytest.raises(C.RefusalError, match="holds 2 directions"):
+        rdo.main(base + ["--out", str(tmp / "b"), "--init", two, "--max-steps", "1"])
