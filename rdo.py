@@ -74,7 +74,6 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-
 # ----------------------------------------------------------------------------- DIM: alpha, layer, targets
 
 def get_dim(model, tok, args, out, data):
@@ -413,7 +412,7 @@ def main(argv=None):
     layer, alpha, basis, dim_vec, total, run_key = S.layer, S.alpha, S.basis, S.dim_vec, S.total, S.run_key
     print(f"RDO at layer {layer}, alpha {alpha:.2f}, {n} training pairs, effective batch {args.effective_batch}")
 
-    # Algorithm 1, line 1: initialise r randomly (on the sphere; orthogonal to the given directions for RDO-perp)
+    # Algorithm 1, line 1: initialise r randomly, or at --init (on the sphere; orthogonal to the given directions for RDO-perp)
     g = torch.Generator().manual_seed(args.seed)
     r = initial_direction(args, model, dim_vec, basis, g).requires_grad_(True)
     if args.init:  # a checkpoint of another start must not be resumed from this one (old checkpoints lack the key)

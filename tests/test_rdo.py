@@ -266,9 +266,11 @@ def test_same_seed_same_direction_other_seed_another(setup):
     assert json.load(open(tmp / "a" / "rdo.json"))["seed"] == 0 and json.load(open(tmp / "c" / "rdo.json"))["seed"] == 1
 
 
-def test_init_starts_from_the_given_direction_with_the_same_batches(setup):
+def test_init_starts_from_the_given_direction_with_the_same_batches(setup, monkeypatch):
     base, tmp, dim_file = setup
     still = base + ["--max-steps", "2", "--lr", "0"]  # lr 0: the iterates stay where they started
+    batches, real = [], rdo.training_batch
+    monkeypatch.setattr(rdo, "training_batch", lambda S, idx: batches.append(list(idx)) or real(S, idx))
     rdo.main(still + ["--out", str(tmp / "dim"), "--init", "dim"])
     v = C.load_result(dim_file)[0]["direction"]
     other = C.save_result(str(tmp / "other"), "x", {"direction": torch.randn(v.shape[0]) * 3}, {})
@@ -282,6 +284,7 @@ def test_init_starts_from_the_given_direction_with_the_same_batches(setup):
     history = {k: json.load(open(tmp / k / "rdo.json"))["history"] for k in ("dim", "random")}
     assert history["dim"][0]["loss"] != history["random"][0]["loss"]  # another start ...
     assert json.load(open(tmp / "dim" / "rdo.json"))["init"] == "dim"  # ... recorded in the sidecar
+    assert batches[:2] == batches[2:4] == batches[4:6] and len(batches) == 6  # the seed's batches, whatever the start
 
 
 def test_init_errors(setup):
