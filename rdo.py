@@ -49,7 +49,8 @@ def training_parser(doc, method):
     a("--max-steps", type=int, default=None, help="stop after this many optimizer steps (default: --epochs passes)")
     a("--lambda-abl", type=float, default=1.0, help="weight of the ablation loss (answer harmful prompts)")
     a("--lambda-add", type=float, default=0.2, help="weight of the addition loss (refuse harmless prompts)")
-    a("--lambda-ret", type=float, default=1.0, help="weight of the retain loss (KL on harmless answers)")
+    a("--lambda-ret", type=float, default=1.0, help="weight of the retain loss (KL on harmless answers, averaged over "
+      "its 30 positions as in the paper's text; the paper's code sums them: its 1 is about 30 here)")
     a("--answer-tokens", type=int, default=30, help="length of t_answer (DIM ablated, harmful prompts)")
     a("--retain-tokens", type=int, default=29, help="length of t_retain (no intervention, harmless prompts)")
     a("--refusal-tokens", type=int, default=32, help="t_refusal (DIM added, harmless prompts): at most this many tokens, cut after the first sentence")
