@@ -72,7 +72,7 @@ def label(a):
                                ("epochs", 1, "{} epochs"), ("seed", 0, "seed {}")):
         if a.get(key, default) != default:
             parts.append(text.format(a[key]))
-    if a["dim"] != p.get_default("dim").replace("dim.safetensors", "selected/dim.safetensors"):
+    if a["dim"] != "runs/bench/dim_qwen/selected/dim.safetensors":  # bench/rdo_qwen.py's default DIM
         parts.append(os.path.basename(os.path.dirname(a["dim"])))
     if a.get("reselect"):
         parts.append(f"kl<={a['kl_threshold']:g}" + (" pooled" if a.get("pool") else ""))
