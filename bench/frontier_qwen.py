@@ -36,6 +36,20 @@ def front(points, x, y):
     return [a for a in points if not any(x(b) <= x(a) and y(b) <= y(a) and (x(b), y(b)) != (x(a), y(a)) for b in points)]
 
 
+def label(a):
+    """A run's settings, as bench/rdo_qwen.py's flags, the defaults left out."""
+    parts = [f"{a['n_train']} pairs", f"ret {a['lambda_ret']:g}"]
+    for key, default, text in (("patience", 5, "pat {}"), ("lambda_add", 0.2, "add {:g}"), ("init", None, "init {}"),
+                               ("epochs", 1, "{} epochs"), ("seed", 0, "seed {}")):
+        if a.get(key, default) != default:
+            parts.append(text.format(a[key]))
+    if a["dim"] != "runs/bench/dim_qwen/selected/dim.safetensors":  # bench/rdo_qwen.py's default DIM
+        parts.append(os.path.basename(os.path.dirname(a["dim"])))
+    if a.get("reselect"):
+        parts.append(f"kl<={a['kl_threshold']:g}" + (" pooled" if a.get("pool") else ""))
+    return ", ".join(parts)
+
+
 tensors, meta = C.load_result(args.dim)
 scored = [c for c in meta["candidates_table"] if c["kl"] == c["kl"] and c["kl"] <= args.max_kl and c["bypass"] <= args.max_bypass]
 chosen = sorted(front(scored, lambda c: c["bypass"], lambda c: c["kl"]), key=lambda c: c["kl"])
@@ -65,20 +79,6 @@ for c in todo:
 
 # every RDO point measured on the same held-out prompts by bench/rdo_qwen.py (a reselection is its own point,
 # unless it chose the run's own direction again)
-def label(a):
-    """A run's settings, as bench/rdo_qwen.py's flags, the defaults left out."""
-    parts = [f"{a['n_train']} pairs", f"ret {a['lambda_ret']:g}"]
-    for key, default, text in (("patience", 5, "pat {}"), ("lambda_add", 0.2, "add {:g}"), ("init", None, "init {}"),
-                               ("epochs", 1, "{} epochs"), ("seed", 0, "seed {}")):
-        if a.get(key, default) != default:
-            parts.append(text.format(a[key]))
-    if a["dim"] != "runs/bench/dim_qwen/selected/dim.safetensors":  # bench/rdo_qwen.py's default DIM
-        parts.append(os.path.basename(os.path.dirname(a["dim"])))
-    if a.get("reselect"):
-        parts.append(f"kl<={a['kl_threshold']:g}" + (" pooled" if a.get("pool") else ""))
-    return ", ".join(parts)
-
-
 rows, seen = [("DIM", k, d) for k, d in done.items()], set()
 for path in sorted(glob.glob(os.path.join(args.runs, "*", "bench_rdo_qwen*.json"))):
     res = json.load(open(path))
