@@ -50,11 +50,16 @@ def label(a):
     return ", ".join(parts)
 
 
+def name(c):
+    """A DIM candidate's key in the table and the JSON: layer and position."""
+    return f"L{c['layer']}/pos{c['position']}"
+
+
 tensors, meta = C.load_result(args.dim)
 scored = [c for c in meta["candidates_table"] if c["kl"] == c["kl"] and c["kl"] <= args.max_kl and c["bypass"] <= args.max_bypass]
 chosen = sorted(front(scored, lambda c: c["bypass"], lambda c: c["kl"]), key=lambda c: c["kl"])
 print(f"{len(chosen)} of {len(meta['candidates_table'])} DIM candidates on the val front (kl <= {args.max_kl}, "
-      f"bypass <= {args.max_bypass}): " + ", ".join(f"L{c['layer']}/pos{c['position']}" for c in chosen))
+      f"bypass <= {args.max_bypass}): " + ", ".join(map(name, chosen)))
 
 os.makedirs(args.out, exist_ok=True)
 out_json = os.path.join(args.out, "frontier_qwen.json")
@@ -62,12 +67,12 @@ saved = json.load(open(out_json)) if os.path.isfile(out_json) else {"args": {}}
 if saved["args"] and any(saved["args"][k] != getattr(args, k) for k in ("dim", "n_eval")):
     sys.exit(f"{out_json} holds measurements of another --dim or --n-eval: pass another --out")
 done = saved.get("dim", {})  # measured by an earlier run with the same candidates and prompts: kept
-todo = [c for c in chosen if f"L{c['layer']}/pos{c['position']}" not in done]
+todo = [c for c in chosen if name(c) not in done]
 if todo:
     model, tok = C.load_model(QWEN)
     harm, safe = held_out(args.n_eval)
 for c in todo:
-    key = f"L{c['layer']}/pos{c['position']}"
+    key = name(c)
     t0 = time.time()
     vec = tensors["candidates"][c["position_index"], c["layer"]]
     res = measure(model, tok, harm, safe, vec, vec.norm().item(), c["layer"])
