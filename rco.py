@@ -187,7 +187,7 @@ def main(argv=None):
         g = torch.Generator().manual_seed(args.seed + k)
         fresh = torch.randn(k - (0 if ck["prev"] is None else len(ck["prev"])), d, generator=g)
         B = gram_schmidt(fresh if ck["prev"] is None else torch.cat([ck["prev"], fresh])).to(device).requires_grad_(True)
-        opt = torch.optim.AdamW([B], lr=args.lr, betas=tuple(args.betas), weight_decay=0.0)
+        opt = rdo.make_optimizer(B, args)
         order = torch.cat([torch.randperm(S.n, generator=g) for _ in range(args.epochs)])
         state = rdo.new_state()
         if ck.get("state") is not None and ck["k"] == k:  # resuming inside this k
@@ -206,8 +206,7 @@ def main(argv=None):
                 raise C.RefusalError(f"loss is {sums['loss']} at k = {k}, step {s}: stopped; the last good state is in "
                                      f"{S.ckpt_path} (lower --lr, or use --dtype float32)")
             with torch.no_grad():
-                B.grad = rdo.tangent(B.grad, B)  # row by row
-                opt.step()  # line 7
+                sums["grad_norm"] = rdo.sphere_step(opt, B, args.max_grad_norm)  # line 7, row by row
                 B.copy_(gram_schmidt(B))  # line 8: back to an orthonormal basis
             rdo.record_step(opt, state, sums, B, args)
             ck = {"k": k, "prev": ck["prev"], "B": B.detach().cpu(), "opt": opt.state_dict(), "state": state, "order": order,

@@ -17,6 +17,7 @@ Usage:
   python rdo.py ... --orthogonal-to runs/.../dim/dim.safetensors --out runs/x/rdo_perp   # RDO-perp
   python rdo.py ... --resume                                       # after Ctrl-C or a crash
   python rdo.py ... --init dim                                     # start from the DIM direction, not at random
+  python rdo.py ... --lambda-ret 30 --amsgrad --max-grad-norm 10   # the authors' code's settings (README)
 Writes DIR/rdo.safetensors (tensor `direction`, unit norm; `iterates`, every step's r, to choose again with other
 thresholds) and DIR/rdo.json (layer, alpha, loss history, the chosen step and its scores, flags, versions);
 DIR/rdo_checkpoint.pt while training.
@@ -41,6 +42,10 @@ def training_parser(doc, method):
     a("--alpha", type=float, default=None, help="addition strength (default: the DIM direction's norm)")
     a("--lr", type=float, default=0.01, help="AdamW learning rate")
     a("--betas", type=float, nargs=2, default=(0.9, 0.98), help="AdamW betas")
+    a("--amsgrad", action="store_true", help="AdamW's amsgrad variant (the authors' code uses it; the paper's text "
+      "says AdamW)")
+    a("--max-grad-norm", type=float, default=None, help="clip the tangent gradient to this norm before each step "
+      "(the authors' code clips at 10; the paper's text does not clip)")
     a("--effective-batch", type=int, default=16, help="examples per optimizer step")
     a("--micro-batch", type=int, default=None,
       help="examples per forward pass; the loss does not depend on it (default: 16 on a GPU; 2 on a CPU, where "
@@ -282,6 +287,22 @@ def tangent(grad, r):
     return grad - (grad * r).sum(-1, keepdim=True) * r
 
 
+def make_optimizer(param, args):
+    """AdamW without weight decay (r lives on the sphere; decay would only shrink it before the renormalisation)."""
+    return torch.optim.AdamW([param], lr=args.lr, betas=tuple(args.betas), weight_decay=0.0, amsgrad=args.amsgrad)
+
+
+def sphere_step(opt, p, max_norm=None):
+    """Algorithm 1, line 5: an optimizer step along the sphere's tangent at p (row by row for a basis), the
+    gradient clipped to max_norm first if given. Returns the tangent gradient's norm before clipping."""
+    p.grad = tangent(p.grad, p)
+    norm = p.grad.norm().item()
+    if max_norm is not None and norm > max_norm:
+        p.grad *= max_norm / norm
+    opt.step()
+    return norm
+
+
 def project_out(r, basis):
     """RDO-perp: remove the span of `basis` (orthonormal rows) from r."""
     return r if basis is None else r - (r @ basis.T) @ basis
@@ -387,8 +408,9 @@ def setup(args, method):
         raise C.RefusalError(f"{n} training pairs are fewer than one effective batch ({args.effective_batch})")
     total = steps_per_epoch * args.epochs if args.max_steps is None else min(args.max_steps, steps_per_epoch * args.epochs)
     run_key = {k: getattr(args, k) for k in ("model", "harmful", "harmless", "n_train", "seed", "effective_batch",
-                                              "epochs", "lr", "lambda_abl", "lambda_add", "lambda_ret")}
-    run_key.update(layer=layer, dim=C.tensor_hash(dim_vec))
+                                              "epochs", "lr", "amsgrad", "max_grad_norm", "patience",
+                                              "lr_drops", "lambda_abl", "lambda_add", "lambda_ret")}
+    run_key.update(layer=layer, dim=C.tensor_hash(dim_vec), betas=tuple(args.betas))
     return SimpleNamespace(
         out=out, ckpt_path=ckpt_path, model=model, tok=tok, device=device, harm=harm[:n], safe=safe[:n], n=n,
         harm_val=harm_val, safe_val=safe_val, dim_vec=dim_vec, dim_layer=dim_layer, layer=layer, basis=basis,
@@ -418,7 +440,7 @@ def main(argv=None):
     r = initial_direction(args, model, dim_vec, basis, g).requires_grad_(True)
     if args.init:  # a checkpoint of another start must not be resumed from this one (old checkpoints lack the key)
         run_key = {**run_key, "init": args.init}
-    opt = torch.optim.AdamW([r], lr=args.lr, betas=tuple(args.betas), weight_decay=0.0)
+    opt = make_optimizer(r, args)
     order = torch.cat([torch.randperm(n, generator=g) for _ in range(args.epochs)])
     state = new_state()
     if args.resume:
@@ -439,8 +461,7 @@ def main(argv=None):
             raise C.RefusalError(f"loss is {sums['loss']} at step {s}: stopped; the last good state is in {ckpt_path} "
                                  "(lower --lr, or use --dtype float32)")
         with torch.no_grad():
-            r.grad = tangent(r.grad, r)  # line 5: a step along the sphere ...
-            opt.step()
+            sums["grad_norm"] = sphere_step(opt, r, args.max_grad_norm)  # line 5: a step along the sphere ...
             r.copy_(project_out(r, basis))
             r /= r.norm()  # line 6: ... and back onto it
         record_step(opt, state, sums, r, args)

@@ -111,7 +111,7 @@ def train_candidate(S, args, seed, activations, others, resume, save):
     g = torch.Generator().manual_seed(seed)
     r = torch.randn(C.hidden_size(model), generator=g).to(device)
     r = (r / r.norm()).requires_grad_(True)
-    opt = torch.optim.AdamW([r], lr=args.lr, betas=tuple(args.betas), weight_decay=0.0)
+    opt = rdo.make_optimizer(r, args)
     order = torch.cat([torch.randperm(n, generator=g) for _ in range(args.epochs)])
     state = rdo.new_state()
     if resume is not None:
@@ -136,8 +136,7 @@ def train_candidate(S, args, seed, activations, others, resume, save):
             raise C.RefusalError(f"loss is {sums['loss']} at step {s} (seed {seed}): stopped; the last good state is "
                                  "in the checkpoint (lower --lr, or use --dtype float32)")
         with torch.no_grad():
-            r.grad = rdo.tangent(r.grad, r)
-            opt.step()
+            sums["grad_norm"] = rdo.sphere_step(opt, r, args.max_grad_norm)
             r /= r.norm()
         rdo.record_step(opt, state, sums, r, args)
         save({"r": r.detach().cpu(), "opt": opt.state_dict(), "state": state, "order": order, "seed": seed})

@@ -40,7 +40,8 @@ def label(a):
     """A run's settings, as bench/rdo_qwen.py's flags, the defaults left out."""
     parts = [f"{a['n_train']} pairs", f"ret {a['lambda_ret']:g}"]
     for key, default, text in (("patience", 5, "pat {}"), ("lambda_add", 0.2, "add {:g}"), ("init", None, "init {}"),
-                               ("epochs", 1, "{} epochs"), ("seed", 0, "seed {}")):
+                               ("epochs", 1, "{} epochs"), ("seed", 0, "seed {}"),
+                               ("amsgrad", False, "amsgrad"), ("max_grad_norm", None, "clip {:g}")):
         if a.get(key, default) != default:
             parts.append(text.format(a[key]))
     if a["dim"] != "runs/bench/dim_qwen/selected/dim.safetensors":  # bench/rdo_qwen.py's default DIM

@@ -38,6 +38,8 @@ p.add_argument("--init", default=None, help="rdo.py's --init: a direction file, 
 p.add_argument("--n-eval", type=int, default=64)
 p.add_argument("--lr", type=float, default=0.01)
 p.add_argument("--patience", type=int, default=5, help="plateau steps before lr / 10 (rdo.py's flag)")
+p.add_argument("--amsgrad", action="store_true", help="rdo.py's flag (the authors' optimiser, with --max-grad-norm 10)")
+p.add_argument("--max-grad-norm", type=float, default=None, help="rdo.py's flag")
 p.add_argument("--kl-threshold", type=float, default=0.1, help="the selection's KL bound (rdo.py's flag)")
 p.add_argument("--skip-train", action="store_true", help="evaluate an existing rdo.py result in --out")
 p.add_argument("--reselect", action="store_true", help="no training: choose again among the iterates saved by "
@@ -51,9 +53,11 @@ if not os.path.isfile(args.dim):
 t0 = time.time()
 rdo_argv = ["--model", QWEN, "--dim", args.dim, *split_args(), "--n-train", str(args.n_train), "--n-val", "32",
             "--select-last", "20", "--seed", str(args.seed), "--out", args.out, "--overwrite"]
-for flag in ("lambda_ret", "lambda_add", "lr", "patience", "kl_threshold", "max_steps", "epochs", "layer", "init"):
+for flag in ("lambda_ret", "lambda_add", "lr", "patience", "kl_threshold", "max_steps", "epochs", "layer", "init",
+             "max_grad_norm"):
     if getattr(args, flag) is not None:
         rdo_argv += ["--" + flag.replace("_", "-"), str(getattr(args, flag))]
+rdo_argv += ["--amsgrad"] * args.amsgrad
 if not (args.skip_train or args.reselect):
     rdo.main(rdo_argv)
 t_rdo = time.time() - t0

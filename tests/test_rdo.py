@@ -96,6 +96,29 @@ def test_tangent_projection_and_renormalisation():
     assert (basis @ p).abs().max() < 1e-6
 
 
+def test_sphere_step_clips_the_tangent_gradient():
+    r0 = F.normalize(torch.randn(16), dim=0)
+    g = torch.randn(16) * 100
+    t = rdo.tangent(g, r0)
+    for max_norm, scale in ((None, 1.0), (2.0, 2.0 / t.norm().item()), (1e9, 1.0)):
+        r = r0.clone().requires_grad_(True)
+        r.grad = g.clone()
+        opt = torch.optim.SGD([r], lr=1.0)  # one plain step: r moves by exactly the (clipped) tangent gradient
+        with torch.no_grad():
+            norm = rdo.sphere_step(opt, r, max_norm)
+        assert norm == pytest.approx(t.norm().item(), rel=1e-6)  # the norm before clipping, for the history
+        torch.testing.assert_close(r0 - r.detach(), t * scale)
+
+
+def test_optimizer_flags_reach_adamw():
+    p = torch.zeros(3, requires_grad=True)
+    plain = rdo.make_optimizer(p, rdo.parse_args(["--model", "m"]))
+    ams = rdo.make_optimizer(p, rdo.parse_args(["--model", "m", "--amsgrad", "--betas", "0.8", "0.9", "--lr", "0.5"]))
+    assert plain.param_groups[0]["amsgrad"] is False and plain.param_groups[0]["weight_decay"] == 0
+    g = ams.param_groups[0]
+    assert g["amsgrad"] is True and g["betas"] == (0.8, 0.9) and g["lr"] == 0.5
+
+
 def test_plateau_schedule():
     st = {"best": math.inf, "bad": 0, "drops": 0}
     losses = [5, 4, 3] + [3.5] * 5 + [2.9] + [3] * 5 + [3] * 5
@@ -184,6 +207,37 @@ def test_resume_reaches_the_same_direction(setup, monkeypatch):
     assert torch.equal(full["iterates"][meta_full["chosen_step"]], full["direction"])
     assert full["iterates"].norm(dim=1).sub(1).abs().max() < 1e-5
     assert [h["loss"] for h in meta_part["history"]] == pytest.approx([h["loss"] for h in meta_full["history"]], rel=1e-6)
+
+
+def test_authors_optimizer_settings_are_used_recorded_and_part_of_the_run(setup, monkeypatch):
+    base, tmp, _ = setup
+    clips, real = [], rdo.sphere_step
+    monkeypatch.setattr(rdo, "sphere_step", lambda opt, p, max_norm: clips.append(max_norm) or real(opt, p, max_norm))
+    rdo.main(base + ["--out", str(tmp / "a"), "--amsgrad", "--max-grad-norm", "0.5", "--max-steps", "2"])
+    assert clips == [0.5, 0.5]
+    meta = json.load(open(tmp / "a" / "rdo.json"))
+    assert meta["args"]["amsgrad"] is True and meta["args"]["max_grad_norm"] == 0.5
+    assert all(h["grad_norm"] > 0 for h in meta["history"])  # the unclipped norm: shows whether clipping acted
+    monkeypatch.setattr(rdo, "sphere_step", real)
+
+    real_plateau, calls = rdo.plateau_step, []
+
+    def crash_at_second_step(*a, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real_plateau(*a, **k)
+
+    monkeypatch.setattr(rdo, "plateau_step", crash_at_second_step)
+    with pytest.raises(KeyboardInterrupt):
+        rdo.main(base + ["--out", str(tmp / "c"), "--amsgrad"])
+    monkeypatch.setattr(rdo, "plateau_step", real_plateau)
+    assert "max_exp_avg_sq" in torch.load(tmp / "c" / "rdo_checkpoint.pt", weights_only=False)["opt"]["state"][0]
+    for other in ([], ["--amsgrad", "--patience", "9"], ["--amsgrad", "--betas", "0.9", "0.99"]):
+        with pytest.raises(C.RefusalError, match="other settings"):  # resuming must not switch the optimizer
+            rdo.main(base + ["--out", str(tmp / "c"), "--resume"] + other)
+    rdo.main(base + ["--out", str(tmp / "c"), "--resume", "--amsgrad"])
+    assert os.path.isfile(tmp / "c" / "rdo.safetensors")
 
 
 def test_nan_loss_stops_with_a_clear_message(setup, monkeypatch):
