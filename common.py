@@ -599,7 +599,7 @@ def get_prompts(spec, n_train, n_val, val_spec=None, seed=0):
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
     """--help: the docstring as written, and each flag's default unless its help already says it."""
     def _get_help_string(self, action):
-        if "default" in (action.help or "") or action.default in (None, False):
+        if "default" in (action.help or "") or action.default is None or action.default is False:  # (0 == False)
             return action.help
         return super()._get_help_string(action)
 
@@ -619,7 +619,8 @@ def add_common_args(parser, method, n_train=128, n_val=32, batch_size=32):
     a("--harmless-val", default=None, help="separate harmless validation file (default: split off --harmless)")
     a("--n-train", type=int, default=n_train, help=f"training prompts per class (default: {n_train})")
     a("--n-val", type=int, default=n_val, help=f"validation prompts per class (default: {n_val})")
-    a("--batch-size", type=int, default=batch_size, help=f"prompts per forward pass (default: {batch_size})")
+    a("--batch-size", type=int, default=batch_size, help="prompts per forward pass" + (
+      " (default: see the description above)" if batch_size is None else f" (default: {batch_size})"))
 
 
 def model_dir(model_name, *parts):
@@ -745,9 +746,12 @@ def load_direction(path, model, key=None):
 
 def load_checkpoint(path, run_key):
     """A training checkpoint (--resume), refused when it was made with other settings than this run's."""
-    ck = torch.load(path, weights_only=False)
+    ck = torch.load(path, weights_only=False, map_location="cpu")  # a GPU run's checkpoint resumes on a CPU too
     if ck["run"] != run_key:
-        raise RefusalError(f"{path} was made with other settings ({ck['run']}); start over with --overwrite")
+        diff = "; ".join(f"{k}: {ck['run'].get(k)!r} there, {run_key.get(k)!r} now"
+                         for k in sorted(set(ck["run"]) | set(run_key)) if ck["run"].get(k) != run_key.get(k))
+        raise RefusalError(f"{path} was made with other settings ({diff}): resume with its flags, or start over "
+                           "with --overwrite")
     return ck
 
 

@@ -230,14 +230,14 @@ def main(argv=None):
     candidates = info.pop("candidates")
     png = plot_scores(scores, os.path.join(out, "dim.png"), n_post, chosen, args.kl_threshold, args.induce_threshold)
     meta = {"model": args.model, **C.provenance(args), **info, "seconds": round(time.time() - t0, 1)}
-    if direction is None:  # keep the candidates and their scores: a re-selection needs no new forward passes
+    if direction is None:  # keep the candidates and their scores (dim.json, dim.png), to see what failed and where
         C.save_result(out, "dim", {"candidates": candidates}, {"layer": None, **meta})
         near = {k[5:]: v for k, v in info["best_per_criterion"].items() if k.startswith("only_")}
         hint = "; ".join(f"failing only {rule}: position {c['position_index'] - n_post}, layer {c['layer']} (bypass "
                          f"{c['bypass']:.2f}, induce {c['induce']:.2f}, kl {c['kl']:.3f})" for rule, c in near.items())
         raise C.RefusalError(f"every DIM candidate was discarded by the filters (scores in {out}/dim.json)"
-                             f"{'; best ' + hint if hint else ''}; relax --kl-threshold / --induce-threshold, or pin --layer "
-                             "(which takes that layer's best position)")
+                             f"{'; best ' + hint if hint else ''}; rerun with --overwrite and a relaxed --kl-threshold / "
+                             "--induce-threshold, or with --overwrite --layer L (that layer's best position)")
     i, layer = chosen
     s = {k: scores[k][chosen].item() for k in scores}
     meta.update(layer=layer, position=i - n_post, alpha=direction.norm().item(), selected_scores=s)

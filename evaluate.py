@@ -63,7 +63,8 @@ def parse_args(argv=None):
     a("--benign", default=None, help="benign-but-scary set (xstest or a local file): over-refusal trade-off")
     mode("kl", "harmless KL at the last position and CE of the model's own answers under ablation")
     a = mode("cosine", "per-layer cosine similarity of activations with the directions, clean and ablated")
-    a("--suffix", default=None, help="text (or gcg.json with a 'suffix') appended to every prompt for a second curve")
+    a("--suffix", default=None, help="text appended to every prompt for a second curve, or gcg_repind.py's gcg.json "
+      "(its first prompt's suffix)")
     a = mode("cone", "ASR of directions sampled from a cone; best-of-N vs temperature sampling")
     a("--n-samples", type=int, default=256, help="directions sampled from each cone, and tries per temperature")
     a("--temperatures", type=float, nargs="+", default=[1.0], help="sampling temperatures for single directions")
@@ -270,8 +271,13 @@ def mode_cosine(model, tok, args, dirs, data):
         with C.directional_ablation(model, v):
             res[f"{d['label']} ablated"] = curves(harm)
     suffix = args.suffix
-    if suffix and suffix.endswith(".json") and os.path.isfile(suffix):  # gcg.py's result
-        suffix = json.load(open(suffix))["suffix"]
+    if suffix and suffix.endswith(".json") and os.path.isfile(suffix):  # gcg_repind.py's result
+        results = json.load(open(suffix)).get("results") or []
+        if not results or "suffix" not in results[0]:
+            raise C.RefusalError(f"--suffix {args.suffix}: no 'results' with a 'suffix' in it; pass gcg_repind.py's "
+                                 "gcg.json, or the suffix text itself")
+        suffix = results[0]["suffix"]
+        print(f"suffix from {args.suffix}: {suffix!r}")
     if suffix:  # Figure 9: does the suffix lower the direction's presence?
         res["with suffix"] = curves([f"{p} {suffix}" for p in harm])
     rows = [{"condition": c, "cosine with": k, "mean over layers": sum(v) / len(v), "max": max(v),

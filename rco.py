@@ -161,7 +161,10 @@ def main(argv=None):
     args.out = args.out or C.model_dir(args.model, "rco")
     done = [k for k in range(args.min_dim, args.max_dim + 1) if os.path.isfile(os.path.join(args.out, f"k{k}", "rco.safetensors"))]
     if done and not (args.resume or args.overwrite):
-        raise C.RefusalError(f"'{args.out}' already holds cones of dimension {done}: pass --overwrite, or --out elsewhere")
+        unfinished = os.path.isfile(os.path.join(args.out, "rco_checkpoint.pt"))  # then --overwrite would lose it
+        raise C.RefusalError(f"'{args.out}' already holds cones of dimension {done}" + (
+            ", and an unfinished run: pass --resume to continue it" if unfinished else "") +
+            ": pass --overwrite to start over, or --out elsewhere")
     S = rdo.setup(args, "rco")
     device, d = S.device, C.hidden_size(S.model)
     print(f"RCO at layer {S.layer}, alpha {S.alpha:.2f}, cones of dimension {args.min_dim}..{args.max_dim}, {S.n} training "
@@ -169,10 +172,13 @@ def main(argv=None):
 
     init = None
     if args.init:  # e.g. an RDO direction: the 1-cone that Algorithm 2 would otherwise have to find again
-        init = C.unit_basis(C.load_direction(args.init, S.model)[0].reshape(-1, d)).cpu()
+        init = gram_schmidt(C.at_least_fp32(C.load_direction(args.init, S.model)[0].reshape(-1, d)).cpu())
         if len(init) > args.min_dim:
             raise C.RefusalError(f"--init holds {len(init)} directions, more than --min-dim {args.min_dim}")
-    run_key = {**S.run_key, **{f: getattr(args, f) for f in ("samples", "min_dim", "max_dim", "init")}}
+        if (init @ init.T - torch.eye(len(init))).abs().max() > 1e-3:
+            raise C.RefusalError(f"--init {args.init}: its directions are linearly dependent; pass independent ones")
+    run_key = {**S.run_key, **{f: getattr(args, f) for f in ("samples", "min_dim", "max_dim", "init", "select_samples",
+                                                              *rdo.SELECTION_FLAGS)}}
     ck = {"k": args.min_dim, "prev": init}
     if args.resume:
         ck = C.load_checkpoint(S.ckpt_path, run_key)
@@ -188,7 +194,7 @@ def main(argv=None):
         fresh = torch.randn(k - (0 if ck["prev"] is None else len(ck["prev"])), d, generator=g)
         B = gram_schmidt(fresh if ck["prev"] is None else torch.cat([ck["prev"], fresh])).to(device).requires_grad_(True)
         opt = rdo.make_optimizer(B, args)
-        order = torch.cat([torch.randperm(S.n, generator=g) for _ in range(args.epochs)])
+        order = rdo.batch_order(S.n, args.effective_batch, args.epochs, g)
         state = rdo.new_state()
         if ck.get("state") is not None and ck["k"] == k:  # resuming inside this k
             with torch.no_grad():

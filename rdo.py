@@ -93,6 +93,9 @@ def get_dim(model, tok, args, out, data):
     if args.resume and os.path.isfile(saved):  # computed by the run we are resuming
         vec, meta = C.load_direction(saved, model)
         return vec, meta["layer"]
+    if os.path.isfile(saved) and not args.overwrite:
+        raise C.RefusalError(f"'{out}' already holds a DIM result: pass --dim {saved} to use it, --overwrite to "
+                             "compute it again, or --out elsewhere")
     dim_args = SimpleNamespace(**{**vars(args), "prune_layers": 0.2, "filter_prompts": False})
     vec, info = dim.compute_dim(model, tok, dim_args, data)
     if vec is None:
@@ -407,18 +410,33 @@ def setup(args, method):
     if steps_per_epoch == 0:
         raise C.RefusalError(f"{n} training pairs are fewer than one effective batch ({args.effective_batch})")
     total = steps_per_epoch * args.epochs if args.max_steps is None else min(args.max_steps, steps_per_epoch * args.epochs)
-    run_key = {k: getattr(args, k) for k in ("model", "harmful", "harmless", "n_train", "seed", "effective_batch",
-                                              "epochs", "lr", "amsgrad", "max_grad_norm", "patience",
-                                              "lr_drops", "lambda_abl", "lambda_add", "lambda_ret")}
-    run_key.update(layer=layer, dim=C.tensor_hash(dim_vec), betas=tuple(args.betas))
+    alpha = args.alpha if args.alpha is not None else dim_vec.norm().item()
+    # everything that shapes the training: --resume refuses a checkpoint made with other values
+    run_key = {k: getattr(args, k) for k in ("model", "harmful", "harmless", "harmful_val", "harmless_val", "n_train",
+                                              "n_val", "seed", "dtype", "effective_batch",
+                                              "epochs", "lr", "amsgrad", "max_grad_norm", "patience", "lr_drops",
+                                              "lambda_abl", "lambda_add", "lambda_ret", "answer_tokens", "retain_tokens",
+                                              "refusal_tokens")}
+    run_key.update(layer=layer, alpha=alpha, dim=C.tensor_hash(dim_vec), betas=tuple(args.betas),
+                   orthogonal_to=None if basis is None else C.tensor_hash(basis))
     return SimpleNamespace(
         out=out, ckpt_path=ckpt_path, model=model, tok=tok, device=device, harm=harm[:n], safe=safe[:n], n=n,
         harm_val=harm_val, safe_val=safe_val, dim_vec=dim_vec, dim_layer=dim_layer, layer=layer, basis=basis,
-        alpha=args.alpha if args.alpha is not None else dim_vec.norm().item(),
+        alpha=alpha,
         targets=get_targets(model, tok, harm[:n], safe[:n], dim_vec, dim_layer, args),  # DIM acts at its own layer
         lambdas={"abl": args.lambda_abl, "add": args.lambda_add, "ret": args.lambda_ret},
         micro_batch=args.micro_batch or (args.effective_batch if device.type == "cuda" else 2),
         total=total, run_key=run_key)
+
+
+# the flags that choose among iterates: part of the resume key of rco.py and repind.py, which choose during the run
+SELECTION_FLAGS = ("select_last", "kl_threshold", "induce_threshold")
+
+
+def batch_order(n, batch, epochs, g):
+    """A fresh shuffle of the n pairs per epoch, cut to whole batches: a batch never straddles two shuffles (and so
+    never holds a pair twice)."""
+    return torch.cat([torch.randperm(n, generator=g)[:n // batch * batch] for _ in range(epochs)])
 
 
 def training_batch(S, idx):
@@ -441,7 +459,7 @@ def main(argv=None):
     if args.init:  # a checkpoint of another start must not be resumed from this one (old checkpoints lack the key)
         run_key = {**run_key, "init": args.init}
     opt = make_optimizer(r, args)
-    order = torch.cat([torch.randperm(n, generator=g) for _ in range(args.epochs)])
+    order = batch_order(n, args.effective_batch, args.epochs, g)
     state = new_state()
     if args.resume:
         ck = C.load_checkpoint(ckpt_path, run_key)

@@ -52,7 +52,7 @@ def last_token_inputs(model, batch, n_layers):
     ablation context, the ablated inputs x~ (Definition 6.1). The forward pass stops at block n_layers."""
     with C.block_inputs(model, -1, stop_at=n_layers) as seen:
         C.forward(model, batch, logits_to_keep=1)
-    return torch.stack(seen, 1)
+    return torch.stack([x.to(seen[0].device) for x in seen], 1)  # with --device multi the blocks sit on several GPUs
 
 
 @torch.no_grad()
@@ -112,7 +112,7 @@ def train_candidate(S, args, seed, activations, others, resume, save):
     r = torch.randn(C.hidden_size(model), generator=g).to(device)
     r = (r / r.norm()).requires_grad_(True)
     opt = rdo.make_optimizer(r, args)
-    order = torch.cat([torch.randperm(n, generator=g) for _ in range(args.epochs)])
+    order = rdo.batch_order(n, args.effective_batch, args.epochs, g)
     state = rdo.new_state()
     if resume is not None:
         with torch.no_grad():
@@ -194,7 +194,8 @@ def main(argv=None):
     print(f"RepInd at layer {layer}, alpha {alpha:.2f}, {S.n} training pairs, loss over block inputs 0..{n_layers - 1}, "
           f"{args.n_directions} direction(s) x {args.candidates} candidate(s)")
 
-    run_key = {**S.run_key, **{k: getattr(args, k) for k in ("lambda_ind", "layer_cutoff", "candidates")}}
+    run_key = {**S.run_key, **{k: getattr(args, k) for k in ("lambda_ind", "layer_cutoff", "candidates",
+                                                              *rdo.SELECTION_FLAGS)}}
     ck = {"run": run_key, "found": [], "cands": [], "train": None}
     if args.resume:
         ck = C.load_checkpoint(ckpt_path, run_key)

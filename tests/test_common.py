@@ -291,3 +291,16 @@ def test_token_ce_is_cross_entropy_in_chunks_with_its_gradient():
     (ga,) = torch.autograd.grad(C.token_ce(x, labels, chunk=4).sum(), x)
     (gb,) = torch.autograd.grad(torch.nn.functional.cross_entropy(x.float(), labels, reduction="none").sum(), x)
     assert torch.equal(ga, gb)
+
+
+def test_help_shows_zero_defaults_but_not_none_or_flags():
+    import argparse
+    p = argparse.ArgumentParser(formatter_class=C.HelpFormatter)
+    p.add_argument("--zero", type=float, default=0.0, help="a threshold")
+    p.add_argument("--unset", default=None, help="optional")
+    p.add_argument("--flag", action="store_true", help="a switch")
+    p.add_argument("--told", default=3, help="three (default: three)")
+    text = " ".join(p.format_help().split())
+    assert "a threshold (default: 0.0)" in text  # 0.0 == False in Python: it must still show
+    assert "optional (default" not in text and "a switch (default" not in text
+    assert text.count("default: three") == 1

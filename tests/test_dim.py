@@ -111,7 +111,7 @@ def test_script_end_to_end(args_for, tmp_path, monkeypatch, capsys):
 
 
 def test_script_says_so_when_every_candidate_is_discarded(args_for, tmp_path):
-    with pytest.raises(C.RefusalError, match="every DIM candidate was discarded"):
+    with pytest.raises(C.RefusalError, match="every DIM candidate was discarded.*rerun with --overwrite"):
         dim.main(args_for())
     meta = json.load(open(tmp_path / "out" / "dim.json"))
     assert meta["layer"] is None and meta["best_per_criterion"]["bypass"]["layer"] is not None

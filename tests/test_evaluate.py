@@ -93,6 +93,18 @@ def test_cosine_mode_matches_a_hand_computation(files):
     assert max(map(abs, res["dim ablated"]["dim"])) < 1e-5 and max(map(abs, res["dim ablated"]["rdo"])) > 1e-3
 
 
+def test_cosine_suffix_from_a_gcg_result(files, tmp_path):
+    gcg = tmp_path / "gcg.json"
+    gcg.write_text(json.dumps({"results": [{"instruction": "a", "suffix": "x y z"}, {"suffix": "other"}]}))
+    by_file = run(files, "cosine", "--suffix", str(gcg))
+    assert by_file["suffix"] == "x y z"
+    by_text = run(files, "cosine", "--suffix", "x y z", "--overwrite")
+    assert by_file["results"]["with suffix"] == by_text["results"]["with suffix"]
+    gcg.write_text(json.dumps({"suffix": "old layout"}))
+    with pytest.raises(C.RefusalError, match="no 'results' with a 'suffix'"):
+        run(files, "cosine", "--suffix", str(gcg), "--overwrite")
+
+
 def test_answer_ce_matches_one_prompt_at_a_time():
     model, tok = make_model("qwen2")
     answers = [[40, 41, 42], [50], [60, 61]]

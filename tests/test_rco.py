@@ -125,6 +125,21 @@ def test_cones_grow_from_the_smaller_cone_and_stay_orthonormal(setup):
         rco.main(base + ["--out", str(tmp / "moving")])
 
 
+def test_init_with_several_directions_keeps_their_signs(setup):
+    base, tmp = setup
+    d = C.load_result(str(tmp / "dim" / "dim.safetensors"))[0]["direction"].numel()
+    v = torch.randn(2, d)
+    v[:, 0] = v[:, 0].abs() + 1  # a Householder QR (C.unit_basis) would return -v_1 for such rows
+    two = C.save_result(str(tmp / "two"), "x", {"directions": v}, {})
+    rco.main(base + ["--min-dim", "2", "--max-dim", "2", "--lr", "0", "--init", two, "--out", str(tmp / "a")])
+    B = C.load_result(str(tmp / "a" / "k2" / "rco.safetensors"))[0]["basis"]
+    torch.testing.assert_close(B[0], v[0] / v[0].norm())  # the cone spanned by +v_1 and +v_2, not a reflection
+    assert (B[1] @ v[1]).item() > 0 and abs((B[1] @ v[0]).item()) < 1e-5
+    same = C.save_result(str(tmp / "same"), "x", {"directions": torch.stack([v[0], 2 * v[0]])}, {})
+    with pytest.raises(C.RefusalError, match="linearly dependent"):
+        rco.main(base + ["--min-dim", "2", "--max-dim", "2", "--init", same, "--out", str(tmp / "b")])
+
+
 def test_resume_across_cone_dimensions(setup, monkeypatch):
     base, tmp = setup
     args = base + ["--min-dim", "1", "--max-dim", "2", "--lr", "0.05"]
@@ -141,6 +156,8 @@ def test_resume_across_cone_dimensions(setup, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         rco.main(args + ["--out", str(tmp / "part")])
     monkeypatch.setattr(rdo, "plateau_step", real)
+    with pytest.raises(C.RefusalError, match="unfinished run: pass --resume"):  # k = 1 is done, k = 2 is not
+        rco.main(args + ["--out", str(tmp / "part")])
     with pytest.raises(C.RefusalError, match="other settings"):  # the cone's own settings are part of the run
         rco.main(args + ["--out", str(tmp / "part"), "--resume", "--samples", "3"])
     rco.main(args + ["--out", str(tmp / "part"), "--resume"])

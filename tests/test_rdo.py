@@ -233,8 +233,11 @@ def test_authors_optimizer_settings_are_used_recorded_and_part_of_the_run(setup,
         rdo.main(base + ["--out", str(tmp / "c"), "--amsgrad"])
     monkeypatch.setattr(rdo, "plateau_step", real_plateau)
     assert "max_exp_avg_sq" in torch.load(tmp / "c" / "rdo_checkpoint.pt", weights_only=False)["opt"]["state"][0]
-    for other in ([], ["--amsgrad", "--patience", "9"], ["--amsgrad", "--betas", "0.9", "0.99"]):
-        with pytest.raises(C.RefusalError, match="other settings"):  # resuming must not switch the optimizer
+    for other, named in (([], "amsgrad: True there, False now"), (["--amsgrad", "--patience", "9"], "patience"),
+                         (["--amsgrad", "--betas", "0.9", "0.99"], "betas"), (["--amsgrad", "--alpha", "2"], "alpha"),
+                         (["--amsgrad", "--answer-tokens", "5"], "answer_tokens"),
+                         (["--amsgrad", "--orthogonal-to", str(tmp / "a" / "rdo.safetensors")], "orthogonal_to")):
+        with pytest.raises(C.RefusalError, match=f"other settings \\(.*{named}"):  # resuming must not change the run
             rdo.main(base + ["--out", str(tmp / "c"), "--resume"] + other)
     rdo.main(base + ["--out", str(tmp / "c"), "--resume", "--amsgrad"])
     assert os.path.isfile(tmp / "c" / "rdo.safetensors")
@@ -280,6 +283,20 @@ def test_without_dim_rdo_computes_it_at_the_given_layer(setup):
     meta = json.load(open(tmp / "nodim" / "rdo.json"))
     assert dim_meta["layer"] == 1 and meta["layer"] == 1
     assert meta["alpha"] == pytest.approx(dim_t["direction"].norm().item(), rel=1e-5)
+    os.remove(tmp / "nodim" / "rdo.safetensors")  # a DIM result alone in the folder is not replaced silently
+    with pytest.raises(C.RefusalError, match="already holds a DIM result: pass --dim .*dim.safetensors"):
+        rdo.main(base[:i] + base[i + 2:] + ["--layer", "1", "--max-steps", "1", "--out", str(tmp / "nodim")])
+    assert torch.equal(C.load_result(str(tmp / "nodim" / "dim.safetensors"))[0]["direction"], dim_t["direction"])
+
+
+def test_batch_order_never_straddles_two_shuffles():
+    g = torch.Generator().manual_seed(0)
+    order = rdo.batch_order(10, 4, 3, g)
+    assert len(order) == 24  # 2 whole batches per epoch; the 2 pairs left over sit that epoch out
+    for batch in order.view(-1, 4):
+        assert len(set(batch.tolist())) == 4
+    g1, g2 = torch.Generator().manual_seed(0), torch.Generator().manual_seed(0)  # whole batches: plain shuffles
+    assert torch.equal(rdo.batch_order(16, 4, 2, g1), torch.cat([torch.randperm(16, generator=g2) for _ in range(2)]))
 
 
 @pytest.mark.parametrize("family", ["qwen2", "gemma3"])
