@@ -24,9 +24,12 @@ from tqdm.auto import tqdm
 import common as C
 
 
+N_TRAIN = 128  # training prompts per class, as Arditi et al.
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=C.HelpFormatter)
-    C.add_common_args(p, "dim")
+    C.add_common_args(p, "dim", n_train=N_TRAIN)
     p.add_argument("--layer", type=int, default=None,
                    help="only this layer: its best position, the best near miss if none passes the filters (default: all layers)")
     p.add_argument("--kl-threshold", type=float, default=0.1, help="discard candidates whose ablation KL exceeds this")

@@ -96,8 +96,12 @@ def get_dim(model, tok, args, out, data):
     if os.path.isfile(saved) and not args.overwrite:
         raise C.RefusalError(f"'{out}' already holds a DIM result: pass --dim {saved} to use it, --overwrite to "
                              "compute it again, or --out elsewhere")
-    dim_args = SimpleNamespace(**{**vars(args), "prune_layers": 0.2, "filter_prompts": False})
-    vec, info = dim.compute_dim(model, tok, dim_args, data)
+    # dim.py's defaults, and its data: the first dim.N_TRAIN of our training pairs (for the same seed, the prompts
+    # dim.py takes), so that `rdo.py --layer L` starts from the direction that `dim.py --layer L` finds
+    harm, harm_val, safe, safe_val = data
+    n = min(args.n_train, dim.N_TRAIN)
+    dim_args = SimpleNamespace(**{**vars(args), "n_train": n, "prune_layers": 0.2, "filter_prompts": False})
+    vec, info = dim.compute_dim(model, tok, dim_args, (harm[:n], harm_val, safe[:n], safe_val))
     if vec is None:
         raise C.RefusalError("no DIM candidate passed the filters; run dim.py (see its message) and pass --dim, "
                              "or pass --layer")

@@ -274,15 +274,21 @@ def test_selection_falls_back_to_the_kl_filter_then_to_anything(monkeypatch):
     assert pick() == 0
 
 
-def test_without_dim_rdo_computes_it_at_the_given_layer(setup):
+def test_without_dim_rdo_computes_it_at_the_given_layer(setup, monkeypatch):
     """The users' own command: `rdo.py --model M --layer L`, no --dim (the tiny model passes no DIM filter)."""
     base, tmp, _ = setup
     i = base.index("--dim")
+    import dim
+    monkeypatch.setattr(dim, "N_TRAIN", 8)  # dim.py's 128 prompts, scaled to the 16 training pairs here
     rdo.main(base[:i] + base[i + 2:] + ["--layer", "1", "--max-steps", "1", "--out", str(tmp / "nodim")])
     dim_t, dim_meta = C.load_result(str(tmp / "nodim" / "dim.safetensors"))
     meta = json.load(open(tmp / "nodim" / "rdo.json"))
     assert dim_meta["layer"] == 1 and meta["layer"] == 1
     assert meta["alpha"] == pytest.approx(dim_t["direction"].norm().item(), rel=1e-5)
+    dim_argv = base[:i] + ["--dtype", "float32", "--layer", "1", "--out", str(tmp / "dimpy")]  # the same data flags
+    dim_argv[dim_argv.index("--n-train") + 1] = "8"  # ... and dim.py's own training set: the same direction
+    dim.main(dim_argv)
+    torch.testing.assert_close(dim_t["direction"], C.load_result(str(tmp / "dimpy" / "dim.safetensors"))[0]["direction"])
     os.remove(tmp / "nodim" / "rdo.safetensors")  # a DIM result alone in the folder is not replaced silently
     with pytest.raises(C.RefusalError, match="already holds a DIM result: pass --dim .*dim.safetensors"):
         rdo.main(base[:i] + base[i + 2:] + ["--layer", "1", "--max-steps", "1", "--out", str(tmp / "nodim")])
