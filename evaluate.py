@@ -272,8 +272,9 @@ def mode_cosine(model, tok, args, dirs, data):
             res[f"{d['label']} ablated"] = curves(harm)
     suffix = args.suffix
     if suffix and suffix.endswith(".json") and os.path.isfile(suffix):  # gcg_repind.py's result
-        results = json.load(open(suffix)).get("results") or []
-        if not results or "suffix" not in results[0]:
+        results = json.load(open(suffix))
+        results = results.get("results") if isinstance(results, dict) else None
+        if not (isinstance(results, list) and results and isinstance(results[0], dict) and "suffix" in results[0]):
             raise C.RefusalError(f"--suffix {args.suffix}: no 'results' with a 'suffix' in it; pass gcg_repind.py's "
                                  "gcg.json, or the suffix text itself")
         suffix = results[0]["suffix"]

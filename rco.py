@@ -172,11 +172,12 @@ def main(argv=None):
 
     init = None
     if args.init:  # e.g. an RDO direction: the 1-cone that Algorithm 2 would otherwise have to find again
-        init = gram_schmidt(C.at_least_fp32(C.load_direction(args.init, S.model)[0].reshape(-1, d)).cpu())
-        if len(init) > args.min_dim:
-            raise C.RefusalError(f"--init holds {len(init)} directions, more than --min-dim {args.min_dim}")
-        if (init @ init.T - torch.eye(len(init))).abs().max() > 1e-3:
+        rows = C.at_least_fp32(C.load_direction(args.init, S.model)[0].reshape(-1, d)).cpu()
+        if len(rows) > args.min_dim:
+            raise C.RefusalError(f"--init holds {len(rows)} directions, more than --min-dim {args.min_dim}")
+        if torch.linalg.matrix_rank(rows) < len(rows):
             raise C.RefusalError(f"--init {args.init}: its directions are linearly dependent; pass independent ones")
+        init = gram_schmidt(rows)
     run_key = {**S.run_key, **{f: getattr(args, f) for f in ("samples", "min_dim", "max_dim", "init", "select_samples",
                                                               *rdo.SELECTION_FLAGS)}}
     ck = {"k": args.min_dim, "prev": init}

@@ -96,11 +96,14 @@ def get_dim(model, tok, args, out, data):
     if os.path.isfile(saved) and not args.overwrite:
         raise C.RefusalError(f"'{out}' already holds a DIM result: pass --dim {saved} to use it, --overwrite to "
                              "compute it again, or --out elsewhere")
-    # dim.py's defaults, and its data: the first dim.N_TRAIN of our training pairs (for the same seed, the prompts
-    # dim.py takes), so that `rdo.py --layer L` starts from the direction that `dim.py --layer L` finds
+    # dim.py's defaults (our --kl-threshold and --induce-threshold choose among RDO's iterates, not DIM's
+    # candidates) and its data: the first dim.N_TRAIN of our training pairs, for the same seed the prompts dim.py
+    # takes. So `rdo.py --layer L` starts from the direction that `dim.py --layer L` finds.
     harm, harm_val, safe, safe_val = data
     n = min(args.n_train, dim.N_TRAIN)
-    dim_args = SimpleNamespace(**{**vars(args), "n_train": n, "prune_layers": 0.2, "filter_prompts": False})
+    defaults = dim.parse_args(["--model", args.model])
+    dim_args = SimpleNamespace(**{**vars(args), "n_train": n, **{k: getattr(defaults, k) for k in (
+        "kl_threshold", "induce_threshold", "prune_layers", "filter_prompts")}})
     vec, info = dim.compute_dim(model, tok, dim_args, (harm[:n], harm_val, safe[:n], safe_val))
     if vec is None:
         raise C.RefusalError("no DIM candidate passed the filters; run dim.py (see its message) and pass --dim, "
@@ -417,11 +420,11 @@ def setup(args, method):
     alpha = args.alpha if args.alpha is not None else dim_vec.norm().item()
     # everything that shapes the training: --resume refuses a checkpoint made with other values
     run_key = {k: getattr(args, k) for k in ("model", "harmful", "harmless", "harmful_val", "harmless_val", "n_train",
-                                              "n_val", "seed", "dtype", "effective_batch",
+                                              "n_val", "seed", "effective_batch",
                                               "epochs", "lr", "amsgrad", "max_grad_norm", "patience", "lr_drops",
                                               "lambda_abl", "lambda_add", "lambda_ret", "answer_tokens", "retain_tokens",
                                               "refusal_tokens")}
-    run_key.update(layer=layer, alpha=alpha, dim=C.tensor_hash(dim_vec), betas=tuple(args.betas),
+    run_key.update(layer=layer, alpha=alpha, dim=C.tensor_hash(dim_vec), betas=tuple(args.betas), dtype=str(model.dtype),
                    orthogonal_to=None if basis is None else C.tensor_hash(basis))
     return SimpleNamespace(
         out=out, ckpt_path=ckpt_path, model=model, tok=tok, device=device, harm=harm[:n], safe=safe[:n], n=n,

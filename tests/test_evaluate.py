@@ -100,9 +100,10 @@ def test_cosine_suffix_from_a_gcg_result(files, tmp_path):
     assert by_file["suffix"] == "x y z"
     by_text = run(files, "cosine", "--suffix", "x y z", "--overwrite")
     assert by_file["results"]["with suffix"] == by_text["results"]["with suffix"]
-    gcg.write_text(json.dumps({"suffix": "old layout"}))
-    with pytest.raises(C.RefusalError, match="no 'results' with a 'suffix'"):
-        run(files, "cosine", "--suffix", str(gcg), "--overwrite")
+    for wrong in ({"suffix": "old layout"}, ["x"], {"results": {"clean": []}}):
+        gcg.write_text(json.dumps(wrong))
+        with pytest.raises(C.RefusalError, match="no 'results' with a 'suffix'"):
+            run(files, "cosine", "--suffix", str(gcg), "--overwrite")
 
 
 def test_answer_ce_matches_one_prompt_at_a_time():

@@ -236,7 +236,8 @@ def test_authors_optimizer_settings_are_used_recorded_and_part_of_the_run(setup,
     for other, named in (([], "amsgrad: True there, False now"), (["--amsgrad", "--patience", "9"], "patience"),
                          (["--amsgrad", "--betas", "0.9", "0.99"], "betas"), (["--amsgrad", "--alpha", "2"], "alpha"),
                          (["--amsgrad", "--answer-tokens", "5"], "answer_tokens"),
-                         (["--amsgrad", "--orthogonal-to", str(tmp / "a" / "rdo.safetensors")], "orthogonal_to")):
+                         (["--amsgrad", "--orthogonal-to", str(tmp / "a" / "rdo.safetensors")], "orthogonal_to"),
+                         (["--amsgrad", "--dtype", "bfloat16"], "dtype: 'torch.float32' there")):
         with pytest.raises(C.RefusalError, match=f"other settings \\(.*{named}"):  # resuming must not change the run
             rdo.main(base + ["--out", str(tmp / "c"), "--resume"] + other)
     rdo.main(base + ["--out", str(tmp / "c"), "--resume", "--amsgrad"])
