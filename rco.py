@@ -159,7 +159,9 @@ def main(argv=None):
     if not 1 <= args.min_dim <= args.max_dim:
         raise C.RefusalError(f"need 1 <= --min-dim <= --max-dim, got {args.min_dim} and {args.max_dim}")
     args.out = args.out or C.model_dir(args.model, "rco")
-    done = [k for k in range(args.min_dim, args.max_dim + 1) if os.path.isfile(os.path.join(args.out, f"k{k}", "rco.safetensors"))]
+    # any cone already in the folder, not only those of this range: rco.png would be redrawn without them
+    done = sorted(int(f[1:]) for f in (os.listdir(args.out) if os.path.isdir(args.out) else [])
+                  if f[:1] == "k" and f[1:].isdigit() and os.path.isfile(os.path.join(args.out, f, "rco.safetensors")))
     if done and not (args.resume or args.overwrite):
         unfinished = os.path.isfile(os.path.join(args.out, "rco_checkpoint.pt"))  # then --overwrite would lose it
         raise C.RefusalError(f"'{args.out}' already holds cones of dimension {done}" + (

@@ -123,6 +123,8 @@ def test_cones_grow_from_the_smaller_cone_and_stay_orthonormal(setup):
     assert not os.path.exists(tmp / "moving" / "rco_checkpoint.pt")
     with pytest.raises(C.RefusalError, match="already holds cones"):
         rco.main(base + ["--out", str(tmp / "moving")])
+    with pytest.raises(C.RefusalError, match=r"already holds cones of dimension \[2\]"):  # another range, one figure
+        rco.main(base + ["--min-dim", "3", "--max-dim", "3", "--out", str(tmp / "moving")])
 
 
 def test_init_with_several_directions_keeps_their_signs(setup):
