@@ -163,7 +163,7 @@ def main(argv=None):
     done = sorted(int(f[1:]) for f in (os.listdir(args.out) if os.path.isdir(args.out) else [])
                   if f[:1] == "k" and f[1:].isdigit() and os.path.isfile(os.path.join(args.out, f, "rco.safetensors")))
     if done and not (args.resume or args.overwrite):
-        unfinished = os.path.isfile(os.path.join(args.out, "rco_checkpoint.pt"))  # then --overwrite would lose it
+        unfinished = os.path.isfile(rdo.checkpoint_path(args.out, "rco"))  # then --overwrite would lose it
         raise C.RefusalError(f"'{args.out}' already holds cones of dimension {done}" + (
             ", and an unfinished run: pass --resume to continue it" if unfinished else "") +
             ": pass --overwrite to start over, or --out elsewhere")

@@ -389,13 +389,17 @@ def select_iterate(model, tok, iterates, alpha, layer, harm_val, safe_val, args)
     return best, scored
 
 
+def checkpoint_path(out, method):
+    return os.path.join(out, f"{method}_checkpoint.pt")
+
+
 def setup(args, method):
     """What every training script (rdo.py, rco.py, repind.py) does before its loop: output folder and checkpoint
     path (refusing to clobber a result or an unfinished run), data, model, the DIM direction, layer, alpha and
     targets. Returns a namespace."""
     C.seed_everything(args.seed)
     out = args.out or C.model_dir(args.model, method)
-    ckpt_path = os.path.join(out, f"{method}_checkpoint.pt")
+    ckpt_path = checkpoint_path(out, method)
     if not args.resume:
         if os.path.isfile(ckpt_path) and not args.overwrite:
             raise C.RefusalError(f"{ckpt_path} holds an unfinished run: pass --resume to continue it, or --overwrite")
