@@ -1,10 +1,30 @@
 """Tiny random chat models, built from configs in seconds, with a byte-level tokenizer and chat templates made here."""
-import os, sys
+import contextlib, os, sys
 
 import pytest
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+@contextlib.contextmanager
+def interrupted_at_call(owner, name, n):
+    """Inside the block, the n-th call of owner.name raises KeyboardInterrupt (a Ctrl-C at that point of a run),
+    which the block must raise; owner.name is restored after."""
+    real, calls = getattr(owner, name), []
+
+    def wrapped(*a, **k):
+        calls.append(1)
+        if len(calls) == n:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    setattr(owner, name, wrapped)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            yield
+    finally:
+        setattr(owner, name, real)
+
 
 SPECIALS = ["<s>", "</s>", "<pad>", "<|user|>", "<|assistant|>", "<|end|>", "<start_of_turn>", "<end_of_turn>"]
 TEMPLATES = {

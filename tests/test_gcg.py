@@ -9,7 +9,7 @@ from safetensors.torch import save_file
 
 import common as C
 import gcg_repind as G
-from conftest import FAMILIES, HARMFUL, make_model
+from conftest import FAMILIES, HARMFUL, interrupted_at_call, make_model
 
 TARGET = "Sure, here is"
 
@@ -141,23 +141,13 @@ def test_repind_term_lowers_the_cosine(tiny_dir, tmp_path, direction_file):
         assert h["loss"] == pytest.approx(h["ce"] + 100 * h["cos"], rel=1e-5)
 
 
-def test_seeds_repeat_and_resume_continues(tiny_dir, tmp_path, direction_file, monkeypatch):
+def test_seeds_repeat_and_resume_continues(tiny_dir, tmp_path, direction_file):
     flags = ("--direction", direction_file, "--seed", "3", "--no-early-stop")
     a = run_gcg(tiny_dir, tmp_path / "a", *flags)["results"][0]
     b = run_gcg(tiny_dir, tmp_path / "b", *flags)["results"][0]
     assert a["history"] == b["history"] and a["suffix_ids"] == b["suffix_ids"] and len(a["history"]) == 3
-    calls, step = [0], G.gcg_step
-
-    def interrupted(*args, **kw):
-        calls[0] += 1
-        if calls[0] == 3:
-            raise KeyboardInterrupt
-        return step(*args, **kw)
-
-    monkeypatch.setattr(G, "gcg_step", interrupted)
-    with pytest.raises(KeyboardInterrupt):
+    with interrupted_at_call(G, "gcg_step", 3):
         run_gcg(tiny_dir, tmp_path / "c", *flags)
-    monkeypatch.setattr(G, "gcg_step", step)
     c = run_gcg(tiny_dir, tmp_path / "c", *flags, "--resume")["results"][0]
     assert c["history"] == a["history"] and c["suffix_ids"] == a["suffix_ids"]
     assert not os.path.exists(tmp_path / "c" / "gcg_checkpoint.pt")

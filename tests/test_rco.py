@@ -7,7 +7,7 @@ import torch
 import common as C
 import rco
 import rdo
-from conftest import HARMFUL, HARMLESS, make_model, train_files
+from conftest import HARMFUL, HARMLESS, interrupted_at_call, make_model, train_files
 
 
 def ks_statistic(xs, cdf):
@@ -142,22 +142,12 @@ def test_init_with_several_directions_keeps_their_signs(setup):
         rco.main(base + ["--min-dim", "2", "--max-dim", "2", "--init", same, "--out", str(tmp / "b")])
 
 
-def test_resume_across_cone_dimensions(setup, monkeypatch):
+def test_resume_across_cone_dimensions(setup):
     base, tmp = setup
     args = base + ["--min-dim", "1", "--max-dim", "2", "--lr", "0.05"]
     rco.main(args + ["--out", str(tmp / "full")])
-    real, calls = rdo.plateau_step, []
-
-    def crash(*a, **k):
-        calls.append(1)
-        if len(calls) == 4:  # k = 2, second step
-            raise KeyboardInterrupt
-        return real(*a, **k)
-
-    monkeypatch.setattr(rdo, "plateau_step", crash)
-    with pytest.raises(KeyboardInterrupt):
+    with interrupted_at_call(rdo, "plateau_step", 4):  # k = 2, second step
         rco.main(args + ["--out", str(tmp / "part")])
-    monkeypatch.setattr(rdo, "plateau_step", real)
     with pytest.raises(C.RefusalError, match="unfinished run: pass --resume"):  # k = 1 is done, k = 2 is not
         rco.main(args + ["--out", str(tmp / "part")])
     with pytest.raises(C.RefusalError, match="other settings"):  # the cone's own settings are part of the run

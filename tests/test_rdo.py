@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 import common as C
 import rdo
-from conftest import HARMFUL, HARMLESS, make_model, train_files
+from conftest import HARMFUL, HARMLESS, interrupted_at_call, make_model, train_files
 
 
 def full_logprobs(model, tok, prompt, target):
@@ -177,24 +177,14 @@ def test_rdo_perp_stays_orthogonal(setup):
     assert not os.path.exists(tmp / "perp" / "rdo_checkpoint.pt")
 
 
-def test_resume_reaches_the_same_direction(setup, monkeypatch):
+def test_resume_reaches_the_same_direction(setup):
     base, tmp, _ = setup
     rdo.main(base + ["--out", str(tmp / "full")])
     full, meta_full = C.load_result(str(tmp / "full" / "rdo.safetensors"))
     assert len(meta_full["history"]) == 4  # 16 pairs / effective batch 4, one epoch
 
-    real, calls = rdo.plateau_step, []
-
-    def crash_at_third_step(*a, **k):
-        calls.append(1)
-        if len(calls) == 3:
-            raise KeyboardInterrupt  # after the backward pass of step 2, before its checkpoint
-        return real(*a, **k)
-
-    monkeypatch.setattr(rdo, "plateau_step", crash_at_third_step)
-    with pytest.raises(KeyboardInterrupt):
+    with interrupted_at_call(rdo, "plateau_step", 3):  # after the backward pass of step 2, before its checkpoint
         rdo.main(base + ["--out", str(tmp / "part")])
-    monkeypatch.setattr(rdo, "plateau_step", real)
     ck = torch.load(tmp / "part" / "rdo_checkpoint.pt", weights_only=False)
     assert ck["state"]["step"] == 2  # lost only the interrupted step
     with pytest.raises(C.RefusalError, match="unfinished run"):
@@ -220,18 +210,8 @@ def test_authors_optimizer_settings_are_used_recorded_and_part_of_the_run(setup,
     assert all(h["grad_norm"] > 0 for h in meta["history"])  # the unclipped norm: shows whether clipping acted
     monkeypatch.setattr(rdo, "sphere_step", real)
 
-    real_plateau, calls = rdo.plateau_step, []
-
-    def crash_at_second_step(*a, **k):
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return real_plateau(*a, **k)
-
-    monkeypatch.setattr(rdo, "plateau_step", crash_at_second_step)
-    with pytest.raises(KeyboardInterrupt):
+    with interrupted_at_call(rdo, "plateau_step", 2):
         rdo.main(base + ["--out", str(tmp / "c"), "--amsgrad"])
-    monkeypatch.setattr(rdo, "plateau_step", real_plateau)
     assert "max_exp_avg_sq" in torch.load(tmp / "c" / "rdo_checkpoint.pt", weights_only=False)["opt"]["state"][0]
     for other, named in (([], "amsgrad: True there, False now"), (["--amsgrad", "--patience", "9"], "patience"),
                          (["--amsgrad", "--betas", "0.9", "0.99"], "betas"), (["--amsgrad", "--alpha", "2"], "alpha"),

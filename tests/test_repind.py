@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 import common as C
 import repind
-from conftest import HARMFUL, make_model, train_files
+from conftest import HARMFUL, interrupted_at_call, make_model, train_files
 
 
 def hand_loss(model, tok, r, others, prompts, n_layers):
@@ -140,23 +140,14 @@ def test_iteration_keeps_earlier_directions_fixed(setup, monkeypatch):
     assert not os.path.exists(tmp / "run" / "repind_checkpoint.pt")
 
 
-def test_resume_reaches_the_same_directions(setup, monkeypatch):
+def test_resume_reaches_the_same_directions(setup):
     base, tmp, _, _ = setup
     base = base + ["--candidates", "1"]
     repind.main(base + ["--out", str(tmp / "full")])
     full, meta_full = C.load_result(str(tmp / "full" / "repind.safetensors"))
-    real, calls = repind.rdo.plateau_step, []
-
-    def crash(*a, **k):
-        calls.append(1)
-        if len(calls) == 4:  # direction 2, second step: after its backward pass, before its checkpoint
-            raise KeyboardInterrupt
-        return real(*a, **k)
-
-    monkeypatch.setattr(repind.rdo, "plateau_step", crash)
-    with pytest.raises(KeyboardInterrupt):
+    # direction 2, second step: after its backward pass, before its checkpoint
+    with interrupted_at_call(repind.rdo, "plateau_step", 4):
         repind.main(base + ["--out", str(tmp / "part")])
-    monkeypatch.setattr(repind.rdo, "plateau_step", real)
     ck = torch.load(tmp / "part" / "repind_checkpoint.pt", weights_only=False)
     assert len(ck["found"]) == 1 and ck["train"]["state"]["step"] == 1
     with pytest.raises(C.RefusalError, match="unfinished run"):
