@@ -17,11 +17,11 @@ import argparse, json, os, sys, time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import common as C  # noqa: E402
 import evaluate  # noqa: E402
-from evalkit import QWEN, held_out  # noqa: E402
+from evalkit import DIM, QWEN, held_out  # noqa: E402
 
 p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
 p.add_argument("--model", default=QWEN)
-p.add_argument("--dim", default="runs/bench/dim_qwen/selected/dim.safetensors")
+p.add_argument("--dim", default=DIM)
 p.add_argument("--rdo", default="runs/bench/rdo_qwen/rdo.safetensors")
 p.add_argument("--out", default="runs/bench/eval_qwen")
 p.add_argument("--n", type=int, default=32)

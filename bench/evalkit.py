@@ -8,6 +8,7 @@ import common as C
 
 DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared", "data", "saladbench_splits")
 QWEN = os.path.expanduser("~/.cache/refusal-test-models/qwen2.5-coder-0.5b-instruct")
+DIM = "runs/bench/dim_qwen/selected/dim.safetensors"  # bench/dim_qwen.py's chosen direction: the other benches' default
 
 
 def split_args(data=DATA):

@@ -16,7 +16,7 @@ import argparse, glob, json, os, sys, time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import common as C  # noqa: E402
-from evalkit import QWEN, held_out, measure  # noqa: E402
+from evalkit import DIM, QWEN, held_out, measure  # noqa: E402
 
 p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
 p.add_argument("--dim", default="runs/bench/dim_qwen/dim.safetensors", help="dim.py's result with every candidate")
@@ -44,7 +44,7 @@ def label(a):
                                ("amsgrad", False, "amsgrad"), ("max_grad_norm", None, "clip {:g}")):
         if a.get(key, default) != default:
             parts.append(text.format(a[key]))
-    if a["dim"] != "runs/bench/dim_qwen/selected/dim.safetensors":  # bench/rdo_qwen.py's default DIM
+    if a["dim"] != DIM:  # bench/rdo_qwen.py's default
         parts.append(os.path.basename(os.path.dirname(a["dim"])))
     if a.get("reselect"):
         parts.append(f"kl<={a['kl_threshold']:g}" + (" pooled" if a.get("pool") else ""))

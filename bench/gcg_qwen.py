@@ -15,10 +15,10 @@ import argparse, json, os, sys, time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import common as C  # noqa: E402
 import gcg_repind as G  # noqa: E402
-from evalkit import QWEN, held_out  # noqa: E402
+from evalkit import DIM, QWEN, held_out  # noqa: E402
 
 p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-p.add_argument("--dim", default="runs/bench/dim_qwen/selected/dim.safetensors")
+p.add_argument("--dim", default=DIM)
 p.add_argument("--out", default="runs/bench/gcg_qwen")
 p.add_argument("--n", type=int, default=5)
 p.add_argument("--steps", type=int, default=20)

@@ -19,10 +19,10 @@ from tqdm.auto import tqdm
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import common as C  # noqa: E402
 import rco  # noqa: E402
-from evalkit import QWEN, held_out, split_args  # noqa: E402
+from evalkit import DIM, QWEN, held_out, split_args  # noqa: E402
 
 p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-p.add_argument("--dim", default="runs/bench/dim_qwen/selected/dim.safetensors")
+p.add_argument("--dim", default=DIM)
 p.add_argument("--out", default="runs/bench/rco_qwen")
 p.add_argument("--init", default="runs/bench/rdo_qwen/rdo.safetensors", help="'' to start from random vectors")
 p.add_argument("--max-steps", type=int, default=6)

@@ -22,10 +22,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import common as C  # noqa: E402
 import dim  # noqa: E402
 import rdo  # noqa: E402
-from evalkit import QWEN, held_out, measure, split_args  # noqa: E402
+from evalkit import DIM, QWEN, held_out, measure, split_args  # noqa: E402
 
 p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-p.add_argument("--dim", default="runs/bench/dim_qwen/selected/dim.safetensors")
+p.add_argument("--dim", default=DIM)
 p.add_argument("--out", default="runs/bench/rdo_qwen")
 p.add_argument("--n-train", type=int, default=256)
 p.add_argument("--max-steps", type=int, default=None)

@@ -19,10 +19,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import common as C  # noqa: E402
 import rdo  # noqa: E402
 import repind  # noqa: E402
-from evalkit import QWEN, held_out, split_args  # noqa: E402
+from evalkit import DIM, QWEN, held_out, split_args  # noqa: E402
 
 p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-p.add_argument("--dim", default="runs/bench/dim_qwen/selected/dim.safetensors")
+p.add_argument("--dim", default=DIM)
 p.add_argument("--out", default="runs/bench/repind_qwen")
 p.add_argument("--n-train", type=int, default=128)
 p.add_argument("--steps", type=int, default=8, help="RepInd optimizer steps (one epoch of 128 pairs = 8)")
