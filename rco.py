@@ -20,7 +20,7 @@ orthonormal rows) and DIR/k<k>/rco.json (loss history, chosen step, selection sc
 scores of --eval-samples directions sampled from the cone beside the basis vectors' own) for every k, and
 DIR/rco.png: their distributions over k (Figure 3).
 """
-import math, os, time
+import math, os, shutil, time
 
 import torch
 from tqdm.auto import tqdm
@@ -240,6 +240,13 @@ def main(argv=None):
               f"(worst {q['max']:.3f}); wrote {path}")
         ck = {"k": k + 1, "prev": basis, "state": None, "run": run_key}
         C.atomic_write(S.ckpt_path, lambda tmp: torch.save(ck, tmp))
+    # cones outside this range come from the run that --overwrite replaced: kept until now (the new run could have
+    # failed), removed now so that the folder and rco.png hold one run
+    stale = [k for k in done if not args.min_dim <= k <= args.max_dim]
+    for k in stale:
+        shutil.rmtree(os.path.join(args.out, f"k{k}"))
+    if stale:
+        print(f"removed the replaced run's cones of dimension {stale} from {args.out}")
     plot_cones(results, os.path.join(args.out, "rco.png"))
     os.remove(S.ckpt_path)
     print(f"wrote {args.out}/k*/rco.safetensors and rco.json, {args.out}/rco.png in {time.time() - t0:.0f}s")

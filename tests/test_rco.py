@@ -125,6 +125,12 @@ def test_cones_grow_from_the_smaller_cone_and_stay_orthonormal(setup):
         rco.main(base + ["--out", str(tmp / "moving")])
     with pytest.raises(C.RefusalError, match=r"already holds cones of dimension \[2\]"):  # another range, one figure
         rco.main(base + ["--min-dim", "3", "--max-dim", "3", "--out", str(tmp / "moving")])
+    first = (tmp / "moving" / "k2" / "rco.safetensors").read_bytes()
+    with interrupted_at_call(rdo, "plateau_step", 1):  # a failed --overwrite run keeps the earlier cones
+        rco.main(base + ["--min-dim", "1", "--max-dim", "1", "--out", str(tmp / "moving"), "--overwrite"])
+    assert (tmp / "moving" / "k2" / "rco.safetensors").read_bytes() == first
+    rco.main(base + ["--min-dim", "1", "--max-dim", "1", "--out", str(tmp / "moving"), "--overwrite"])
+    assert sorted(f.name for f in (tmp / "moving").iterdir() if f.name.startswith("k")) == ["k1"]  # one run's cones
 
 
 def test_init_with_several_directions_keeps_their_signs(setup):
