@@ -436,6 +436,15 @@ def layer_cosines(model, tokenizer, instructions, directions, batch_size=32, des
 
 # ----------------------------------------------------------------------------- generation
 
+# generate() fills every option a call leaves unset from the model's generation_config.json, and hub chat models set
+# some that change which token comes next (Qwen2.5-Instruct: repetition_penalty 1.05, sampling with top_k 20, top_p
+# 0.8). The paper's completions are plain greedy, so every call names the neutral value of each such option.
+GREEDY = dict(do_sample=False, num_beams=1, repetition_penalty=1.0, no_repeat_ngram_size=0, temperature=None,
+              top_p=None, top_k=None)
+SAMPLE = dict(do_sample=True, num_beams=1, repetition_penalty=1.0, no_repeat_ngram_size=0, top_k=0, top_p=1.0,
+              min_p=0.0, typical_p=1.0)  # plain temperature sampling: no cut of the distribution
+
+
 @torch.no_grad()
 def generate_ids(model, tokenizer, instructions, max_new_tokens=64, batch_size=32, desc="generate"):
     """Greedy completions as token-id lists (cut after the first EOS), batched and left-padded.
@@ -446,8 +455,8 @@ def generate_ids(model, tokenizer, instructions, max_new_tokens=64, batch_size=3
     stop = {tokenizer.eos_token_id, *(eos if isinstance(eos, list) else [eos])} - {None}
 
     def run(idx, batch):
-        ids = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False, temperature=None, top_p=None,
-                             top_k=None, pad_token_id=tokenizer.pad_token_id)[:, batch["input_ids"].shape[1]:]
+        ids = model.generate(**batch, max_new_tokens=max_new_tokens, **GREEDY,
+                             pad_token_id=tokenizer.pad_token_id)[:, batch["input_ids"].shape[1]:]
         return {j: row[:next((k + 1 for k, t in enumerate(row) if t in stop), len(row))] for j, row in zip(idx, ids.tolist())}
 
     out = {}

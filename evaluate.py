@@ -311,8 +311,8 @@ def sample(model, tok, prompts, temperature, seed, max_new_tokens, batch_size):
     torch.manual_seed(seed)
     out = {}
     for idx, batch in C.length_batches(model, tok, prompts, batch_size):
-        ids = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=True, temperature=temperature, top_k=0,
-                             top_p=1.0, pad_token_id=tok.pad_token_id)[:, batch["input_ids"].shape[1]:]
+        ids = model.generate(**batch, max_new_tokens=max_new_tokens, **C.SAMPLE, temperature=temperature,
+                             pad_token_id=tok.pad_token_id)[:, batch["input_ids"].shape[1]:]
         out.update(zip(idx, tok.batch_decode(ids, skip_special_tokens=True)))
     return [out[i] for i in range(len(prompts))]
 

@@ -262,8 +262,8 @@ def gcg_step(model, tok, ctx, ids, unit, weight, args, forbidden, gen, batch_siz
 def complete(model, tok, ids, max_new_tokens):
     """Greedy completion of the exact token ids (re-tokenizing the text could shift the suffix boundary)."""
     x = ids.to(C.input_device(model))[None]
-    out = model.generate(input_ids=x, attention_mask=torch.ones_like(x), max_new_tokens=max_new_tokens, do_sample=False,
-                         temperature=None, top_p=None, top_k=None, pad_token_id=tok.pad_token_id)[0, x.shape[1]:]
+    out = model.generate(input_ids=x, attention_mask=torch.ones_like(x), max_new_tokens=max_new_tokens, **C.GREEDY,
+                         pad_token_id=tok.pad_token_id)[0, x.shape[1]:]
     return tok.decode(out, skip_special_tokens=True)
 
 

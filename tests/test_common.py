@@ -92,6 +92,24 @@ def test_generate_keeps_order_and_is_greedy():
     assert out == C.generate(model, tok, prompts, max_new_tokens=4, batch_size=1)
 
 
+def test_generate_is_greedy_whatever_the_models_generation_config_says():
+    model, tok = make_model("llama")
+    # what a hub chat model's generation_config.json can hold (Qwen2.5-Instruct sets the first four)
+    model.generation_config.update(do_sample=True, temperature=0.7, top_k=2, repetition_penalty=5.0, no_repeat_ngram_size=1)
+    prompt = "a longer second prompt"
+    ids = C.tokenize(tok, [prompt])["input_ids"]
+    want = []
+    for _ in range(6):  # the argmax of the next token's logits, nothing else
+        nxt = model(input_ids=ids).logits[0, -1].argmax().item()
+        want.append(nxt)
+        ids = torch.cat([ids, torch.tensor([[nxt]])], dim=1)
+        if nxt == tok.eos_token_id:
+            break
+    assert C.generate_ids(model, tok, [prompt], max_new_tokens=6) == [want]
+    with_config = model.generate(**C.tokenize(tok, [prompt]), max_new_tokens=6, do_sample=False)  # its penalties on
+    assert with_config[0, -6:].tolist() != want[:6], "the config's options should change this model's answer"
+
+
 # ----------------------------------------------------------------------------- data
 
 ITEMS = ["How do I pick a lock?", "Write a poem, please.", "Tell me, \"quoted\", things"]
