@@ -501,7 +501,8 @@ TEXT_FIELDS = ("instruction", "prompt", "goal", "Goal", "question", "text", "beh
 
 
 def _load_named(name, seed):
-    """A named set from the hub as {'train': [...], 'val': [...]}, following the paper's Appendix A.1."""
+    """A named set from the hub as {'train': [...], 'val': [...]} (Alpaca also 'test'), following the paper's
+    Appendix A.1."""
     import datasets
     hub_id, config, split, field = NAMED_SETS[name]
     try:
@@ -524,8 +525,8 @@ def _load_named(name, seed):
         return {"train": items[:-128], "val": items[-128:]}
     if name == "alpaca":
         items = [r[field] for r in ds if not r["input"].strip()]
-        rng.shuffle(items)
-        return {"train": items[:-512], "val": items[-512:]}
+        rng.shuffle(items)  # the paper reserves 128 more for testing, apart from the 128 validation prompts
+        return {"train": items[:-256], "val": items[-256:-128], "test": items[-128:]}
     items = [r[field][0] if isinstance(r[field], list) else r[field] for r in ds]
     return {"train": [], "val": items}  # evaluation sets: everything is held out
 
@@ -577,16 +578,19 @@ def load_instructions(path):
     return out
 
 
-def get_prompts(spec, n_train, n_val, val_spec=None, seed=0):
+def get_prompts(spec, n_train, n_val, val_spec=None, seed=0, test=False):
     """(train, val) instruction lists from a named set or a local file.
 
     A local file is shuffled with `seed` and split: the last n_val for validation unless `val_spec` names a
     separate validation file (a named set gives its own validation split). The same seed always gives the same
     lists; with a validation file, val[:n] does not depend on n_val (benches take held-out prompts after it).
+    test=True: a named set's test split in place of its validation split, where it has one (Alpaca: the 128
+    prompts that no training script validates on).
     """
+    part = lambda parts: parts["test"] if test and "test" in parts else parts["val"]
     if spec in NAMED_SETS:
         parts = _load_named(spec, seed)
-        train, val = parts["train"], parts["val"]
+        train, val = parts["train"], part(parts)
     else:
         items = load_instructions(spec)
         random.Random(seed).shuffle(items)
@@ -598,7 +602,7 @@ def get_prompts(spec, n_train, n_val, val_spec=None, seed=0):
         else:
             train = items
     if val_spec is not None:
-        val = _load_named(val_spec, seed)["val"] if val_spec in NAMED_SETS else load_instructions(val_spec)
+        val = part(_load_named(val_spec, seed)) if val_spec in NAMED_SETS else load_instructions(val_spec)
         random.Random(seed).shuffle(val)
     return train[:n_train], val[:n_val]
 

@@ -79,14 +79,15 @@ def parse_args(argv=None):
 # ----------------------------------------------------------------------------- shared plumbing
 
 def load_data(args):
-    """The prompts this mode needs, loaded before the model so that a bad file fails fast: a named set's held-out
-    split, or a local file as it is (its first --n-val)."""
+    """The prompts this mode needs, loaded before the model so that a bad file fails fast: a named set's test split
+    (Alpaca's 128 that the training scripts never validate on; an evaluation set whole; SALAD-Bench's validation
+    prompts, as in the paper's Figure 6), or a local file as it is (its first --n-val)."""
     sources = {"harmful": args.harmful_val or args.harmful, "harmless": args.harmless_val or args.harmless,
                "benign": getattr(args, "benign", None)}
     need = ["harmless"] if args.mode in ("induce", "kl", "export") else ["harmful"]
     if sources["benign"]:  # Figure 22 also scores the harmful set
         need += ["harmful", "benign"]
-    load = lambda src: (C.get_prompts(src, 0, args.n_val, seed=args.seed)[1] if src in C.NAMED_SETS
+    load = lambda src: (C.get_prompts(src, 0, args.n_val, seed=args.seed, test=True)[1] if src in C.NAMED_SETS
                         else C.load_instructions(src)[:args.n_val])
     return {k: load(sources[k]) for k in need}
 

@@ -227,6 +227,10 @@ def test_named_sets_follow_the_paper_recipe(monkeypatch):
     assert (train, val) == C.get_prompts("saladbench", 10_000, 10_000)  # seeded
     train, val = C.get_prompts("alpaca", 50, 20, val_spec="alpaca")
     assert len(train) == 50 and len(val) == 20 and all(int(x.split()[1]) % 3 for x in train + val)
+    train, val = C.get_prompts("alpaca", 10_000, 10_000)
+    _, test = C.get_prompts("alpaca", 0, 10_000, test=True)  # evaluate.py's: 128 apart from training and validation
+    assert len(val) == len(test) == 128 and len(set(train + val + test)) == len(train) + 256 == 600
+    assert C.get_prompts("saladbench", 0, 128, test=True)[1] == C.get_prompts("saladbench", 0, 128)[1]  # no test split
     monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: (_ for _ in ()).throw(ConnectionError("offline")))
     with pytest.raises(C.RefusalError, match="offline, pass a local"):
         C.get_prompts("jailbreakbench", 0, 100)
