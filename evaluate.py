@@ -63,8 +63,8 @@ def parse_args(argv=None):
     a("--benign", default=None, help="benign-but-scary set (xstest or a local file): over-refusal trade-off")
     mode("kl", "harmless KL at the last position and CE of the model's own answers under ablation")
     a = mode("cosine", "per-layer cosine similarity of activations with the directions, clean and ablated")
-    a("--suffix", default=None, help="text appended to every prompt for a second curve, or gcg_repind.py's gcg.json "
-      "(its first prompt's suffix)")
+    a("--suffix", default=None, help="text appended to every prompt after a space for a second curve, or "
+      "gcg_repind.py's gcg.json (its first prompt's suffix, appended as it is: its text holds its leading space)")
     a = mode("cone", "ASR of directions sampled from a cone; best-of-N vs temperature sampling")
     a("--n-samples", type=int, default=256, help="directions sampled from each cone, and tries per temperature")
     a("--temperatures", type=float, nargs="+", default=[1.0], help="sampling temperatures for single directions")
@@ -278,10 +278,12 @@ def mode_cosine(model, tok, args, dirs, data):
         if not (isinstance(results, list) and results and isinstance(results[0], dict) and "suffix" in results[0]):
             raise C.RefusalError(f"--suffix {args.suffix}: no 'results' with a 'suffix' in it; pass gcg_repind.py's "
                                  "gcg.json, or the suffix text itself")
-        suffix = results[0]["suffix"]
+        suffix = results[0]["suffix"]  # with its leading space: gcg_repind.py's prompt is instruction + suffix
         print(f"suffix from {args.suffix}: {suffix!r}")
+    elif suffix:
+        suffix = " " + suffix  # a suffix given as text follows the instruction after a space
     if suffix:  # Figure 9: does the suffix lower the direction's presence?
-        res["with suffix"] = curves([f"{p} {suffix}" for p in harm])
+        res["with suffix"] = curves([p + suffix for p in harm])
     rows = [{"condition": c, "cosine with": k, "mean over layers": sum(v) / len(v), "max": max(v),
              "at its layer": None if d["layer"] is None else v[d["layer"]]}
             for c, cs in res.items() for (k, v), d in zip(cs.items(), dirs)]

@@ -87,9 +87,12 @@ def split_template(tok, instruction):
     """Token ids before and after the suffix: the chat template of 'instruction <suffix>', split at the suffix.
 
     Each side is tokenized on its own (as nanoGCG does): the suffix's ids are then exactly the optimised ones.
+    The space between instruction and suffix belongs to the suffix (' x' is one token in running text; a lone ' '
+    token at the end of `before` would make a prompt that the suffix's text, pasted after the instruction, never
+    tokenizes to).
     """
     text = C.format_chat(tok, [f"{instruction} {C.SENTINEL}"])[0]
-    before, after = text.split(C.SENTINEL)
+    before, after = text.split(" " + C.SENTINEL)
     ids = lambda s: tok(s, add_special_tokens=False)["input_ids"]
     return ids(before), ids(after)
 
@@ -107,7 +110,8 @@ def forbidden_ids(tok, vocab_size, allow_non_ascii=False, allow_special=False):
 
 
 def init_suffix(tok, n, word="x"):
-    ids = tok(" ".join([word] * n), add_special_tokens=False)["input_ids"][:n]
+    """n tokens of ' x x x ...' as they tokenize after a word (the first word of a text tokenizes without its space)."""
+    ids = tok(" ".join([word] * (n + 1)), add_special_tokens=False)["input_ids"][1:n + 1]
     if len(ids) < n:
         raise C.RefusalError(f"--init '{word}' repeated gives fewer than --suffix-len {n} tokens; use a shorter word")
     return torch.tensor(ids)
@@ -304,8 +308,12 @@ def attack(model, tok, instruction, target, unit, args, forbidden, state, save):
     with torch.no_grad():
         ce, cos_after, greedy = suffix_losses(model, ctx, best[None].to(C.input_device(model)), unit)
     completion = complete(model, tok, full, args.max_new_tokens)
-    rec = {"instruction": instruction, "target": target, "suffix": tok.decode(best), "suffix_ids": best.tolist(),
-           "suffix_retokenizes": tok(tok.decode(best), add_special_tokens=False)["input_ids"] == best.tolist(),
+    # the suffix as text after the instruction, its leading space included (decoded in context: some tokenizers drop
+    # a text's leading space when decoding it alone); the prompt is `instruction + suffix`
+    suffix = tok.decode(before + best.tolist())[len(tok.decode(before)):]
+    prompt = C.format_chat(tok, [instruction + suffix])[0]
+    rec = {"instruction": instruction, "target": target, "suffix": suffix, "suffix_ids": best.tolist(),
+           "prompt_retokenizes": tok(prompt, add_special_tokens=False)["input_ids"] == full.tolist(),
            "best_step": state["best"]["step"], "steps": state["step"], "early_stop": state["stopped"],
            "initial": state.get("initial"),
            "ce": ce.item(), "target_is_greedy": bool(greedy), "history": state["history"],

@@ -95,9 +95,9 @@ def test_cosine_mode_matches_a_hand_computation(files):
 
 def test_cosine_suffix_from_a_gcg_result(files, tmp_path):
     gcg = tmp_path / "gcg.json"
-    gcg.write_text(json.dumps({"results": [{"instruction": "a", "suffix": "x y z"}, {"suffix": "other"}]}))
+    gcg.write_text(json.dumps({"results": [{"instruction": "a", "suffix": " x y z"}, {"suffix": "other"}]}))
     by_file = run(files, "cosine", "--suffix", str(gcg))
-    assert by_file["suffix"] == "x y z"
+    assert by_file["suffix"] == " x y z"
     by_text = run(files, "cosine", "--suffix", "x y z", "--overwrite")
     assert by_file["results"]["with suffix"] == by_text["results"]["with suffix"]
     for wrong in ({"suffix": "old layout"}, ["x"], {"results": {"clean": []}}):

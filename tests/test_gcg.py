@@ -137,6 +137,10 @@ def test_repind_term_lowers_the_cosine(tiny_dir, tmp_path, direction_file):
     assert cos[-1] < cos[0] - 1e-3
     assert res["cos_mean_after"] == pytest.approx(min(cos[1:]), abs=1e-5)  # the kept suffix is the best one
     assert len(res["cos_before"]) == len(res["cos_after"]) == 4 and len(res["suffix_ids"]) == 6
+    tok = C.load_model(tiny_dir, "cpu", "float32")[1]  # the prompt is instruction + suffix (its space included)
+    before, after = G.split_template(tok, res["instruction"])
+    prompt = tok(C.format_chat(tok, [res["instruction"] + res["suffix"]])[0], add_special_tokens=False)["input_ids"]
+    assert prompt == before + res["suffix_ids"] + after and res["prompt_retokenizes"]
     for h in res["history"]:
         assert h["loss"] == pytest.approx(h["ce"] + 100 * h["cos"], rel=1e-5)
 
