@@ -45,7 +45,8 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=C.HelpFormatter)
     C.add_common_args(p, "gcg", batch_size=None)  # candidates per pass; None: see the docstring
     a = p.add_argument
-    a("--prompt", default=None, help="one instruction to attack (default: the first --n of --harmful's validation split)")
+    a("--prompt", default=None, help="one instruction to attack (default: the first --n of --harmful-val, else of "
+      "--harmful's held-out split)")
     a("--n", type=int, default=1, help="prompts taken from --harmful, one suffix each")
     a("--target", default=None, help="affirmative target for every prompt (default: 'Sure, here is' + the rest of "
                                      "the request, as JailbreakBench targets are written)")
@@ -350,10 +351,10 @@ def main(argv=None):
 
     if args.prompt:
         prompts = [args.prompt]
-    elif args.harmful in C.NAMED_SETS:
-        prompts = C.get_prompts(args.harmful, 0, args.n, args.harmful_val, args.seed)[1][:args.n]
+    elif (args.harmful_val or args.harmful) in C.NAMED_SETS:
+        prompts = C.get_prompts(args.harmful_val or args.harmful, 0, args.n, seed=args.seed, test=True)[1][:args.n]
     else:
-        prompts = C.load_instructions(args.harmful)[:args.n]  # file order: the first --n
+        prompts = C.load_instructions(args.harmful_val or args.harmful)[:args.n]  # file order: the first --n
     model, tok = C.load_model(args.model, args.device, args.dtype)
     unit = None
     if args.direction:
@@ -364,9 +365,13 @@ def main(argv=None):
     batch_size = args.batch_size or (args.search_width if C.input_device(model).type == "cuda" else 32)
     forbidden = forbidden_ids(tok, model.get_input_embeddings().weight.shape[0], args.allow_non_ascii, args.allow_special)
     suffix0 = init_suffix(tok, args.suffix_len, args.init)
-    run_key = {k: getattr(args, k) for k in ("model", "prompt", "harmful", "n", "target", "direction", "direction_index",
-                                              "repind_weight", "suffix_len", "init", "search_width", "topk", "seed",
-                                              "allow_non_ascii", "allow_special", "no_cache")}
+    run_key = {k: getattr(args, k) for k in ("model", "prompt", "harmful", "harmful_val", "n", "target", "direction",
+                                              "direction_index", "repind_weight", "suffix_len", "init", "search_width",
+                                              "topk", "seed", "allow_non_ascii", "allow_special", "no_cache",
+                                              "early_stop", "max_new_tokens")}
+    # what was loaded, not only what was asked for: --dtype auto differs between machines, and a direction file
+    # can be replaced under the same path
+    run_key.update(dtype=str(model.dtype), direction_hash=None if unit is None else C.tensor_hash(unit.cpu()))
     ck = {"run": run_key, "results": [], "state": None}
     if args.resume:
         ck = C.load_checkpoint(ckpt_path, run_key)

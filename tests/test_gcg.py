@@ -152,6 +152,15 @@ def test_seeds_repeat_and_resume_continues(tiny_dir, tmp_path, direction_file):
     assert a["history"] == b["history"] and a["suffix_ids"] == b["suffix_ids"] and len(a["history"]) == 3
     with interrupted_at_call(G, "gcg_step", 3):
         run_gcg(tiny_dir, tmp_path / "c", *flags)
+    real = open(direction_file, "rb").read()
+    save_file({"direction": torch.randn(32)}, direction_file)  # another direction under the same path
+    with pytest.raises(C.RefusalError, match="direction_hash"):
+        run_gcg(tiny_dir, tmp_path / "c", *flags, "--resume")
+    open(direction_file, "wb").write(real)
+    with pytest.raises(C.RefusalError, match="dtype"):  # what was loaded, whatever --dtype said
+        G.main(["--model", tiny_dir, "--device", "cpu", "--dtype", "bfloat16", "--prompt", HARMFUL[1], "--suffix-len",
+                "6", "--search-width", "24", "--topk", "8", "--steps", "3", "--max-new-tokens", "4", "--out",
+                str(tmp_path / "c"), *flags, "--resume"])
     c = run_gcg(tiny_dir, tmp_path / "c", *flags, "--resume")["results"][0]
     assert c["history"] == a["history"] and c["suffix_ids"] == a["suffix_ids"]
     assert not os.path.exists(tmp_path / "c" / "gcg_checkpoint.pt")
@@ -188,6 +197,17 @@ def test_errors(tiny_dir, tmp_path, direction_file):
     (tmp_path / "gcg.json").write_text("{}")
     with pytest.raises(C.RefusalError, match="--overwrite"):
         G.main(base + ["--direction", direction_file])
+
+
+def test_prompts_come_from_harmful_val_when_given(tiny_dir, tmp_path, monkeypatch):
+    val = tmp_path / "val.json"
+    val.write_text(json.dumps(["only this one"]))
+    seen = []
+    rec = dict(steps=0, ce=0.0, refused=False, completion="", target_is_greedy=False)
+    monkeypatch.setattr(G, "attack", lambda model, tok, instruction, *a: seen.append(instruction) or rec)
+    G.main(["--model", tiny_dir, "--device", "cpu", "--harmful", str(tmp_path / "absent.json"), "--harmful-val",
+            str(val), "--n", "3", "--repind-weight", "0", "--out", str(tmp_path / "o")])
+    assert seen == ["only this one"]
 
 
 @pytest.mark.parametrize("family", ["qwen2", "gemma2"])
