@@ -96,6 +96,12 @@ def discard_reasons(s, kl_threshold=0.1, induce_threshold=0.0):
     return [f"kl>{kl_threshold}"] * (s["kl"] > kl_threshold) + [f"induce<{induce_threshold}"] * (s["induce"] < induce_threshold)
 
 
+def first_pruned_layer(n_layers, prune_layers):
+    """Layers from here on are in the last `prune_layers` of the model, as Arditi et al.'s code counts them
+    (int(n * (1 - f)): 19 of Qwen-0.5B's 24 layers, 20 of Gemma-2-2B's 26)."""
+    return int(n_layers * (1 - prune_layers))
+
+
 def select_direction(scores, n_layers, kl_threshold=0.1, prune_layers=0.2, layer=None, induce_threshold=0.0):
     """Arditi et al.'s filters, then the lowest bypass score. Returns ((pos_index, layer), reasons per candidate).
 
@@ -103,7 +109,7 @@ def select_direction(scores, n_layers, kl_threshold=0.1, prune_layers=0.2, layer
     for it), so the layer-pruning rule does not apply there. Returns (None, reasons) if nothing survives.
     """
     n_post = scores["bypass"].shape[0]
-    cutoff = n_layers - int(prune_layers * n_layers) if layer is None else n_layers
+    cutoff = first_pruned_layer(n_layers, prune_layers) if layer is None else n_layers
     reasons = {}
     for i in range(n_post):
         for l in range(n_layers):
@@ -194,7 +200,7 @@ def compute_dim(model, tok, args, data, log=print):
                   - mean_activations(model, tok, safe_train, n_post, args.batch_size)).float()
 
     # 2. score candidates; layers that the pruning rule discards anyway are not scored
-    cutoff = n_layers - int(args.prune_layers * n_layers)
+    cutoff = first_pruned_layer(n_layers, args.prune_layers)
     layers = [args.layer] if args.layer is not None else list(range(cutoff))
     scores = score_candidates(model, tok, candidates, layers, harm_val, safe_val, refusal_ids, args.batch_size)
 

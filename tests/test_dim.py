@@ -60,6 +60,8 @@ def test_selection_prunes_the_last_20_percent_of_layers():
     chosen, reasons = dim.select_direction(s, 10)
     assert chosen == (0, 7) and "layer in last 20%" in reasons[(0, 8)]
     assert dim.select_direction(s, 10, prune_layers=0.0)[0] == (0, 8)
+    # Arditi et al.'s count, int(n * 0.8): Qwen-0.5B keeps layers 0-18 of 24, Gemma-2-2B 0-19 of 26, Llama-3-8B 0-24
+    assert [dim.first_pruned_layer(n, 0.2) for n in (10, 24, 26, 32)] == [8, 19, 20, 25]
 
 
 def test_selection_with_a_pinned_layer_and_when_everything_is_discarded():
