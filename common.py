@@ -734,7 +734,11 @@ def load_result(path):
     except Exception as e:
         raise RefusalError(f"'{path}' is not a readable .safetensors file ({e})") from e
     side = os.path.splitext(path)[0] + ".json"
-    meta = json.load(open(side)) if os.path.isfile(side) else {}
+    try:
+        meta = json.load(open(side)) if os.path.isfile(side) else {}
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise RefusalError(f"'{side}' (the sidecar of '{path}') is not readable JSON ({e}): restore it, or rerun "
+                           "the script that wrote it") from e
     return tensors, meta
 
 

@@ -84,6 +84,8 @@ def load_data(args):
     prompts, as in the paper's Figure 6), or a local file as it is (its first --n-val)."""
     sources = {"harmful": args.harmful_val or args.harmful, "harmless": args.harmless_val or args.harmless,
                "benign": getattr(args, "benign", None)}
+    if args.n_val < 1 or getattr(args, "n_samples", 1) < 1:
+        raise C.RefusalError("--n-val and --n-samples must be at least 1")
     need = ["harmless"] if args.mode in ("induce", "kl", "export") else ["harmful"]
     if sources["benign"]:  # Figure 22 also scores the harmful set
         need += ["harmful", "benign"]
@@ -273,7 +275,10 @@ def mode_cosine(model, tok, args, dirs, data):
             res[f"{d['label']} ablated"] = curves(harm)
     suffix = args.suffix
     if suffix and suffix.endswith(".json") and os.path.isfile(suffix):  # gcg_repind.py's result
-        results = json.load(open(suffix))
+        try:
+            results = json.load(open(suffix))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            results = None
         results = results.get("results") if isinstance(results, dict) else None
         if not (isinstance(results, list) and results and isinstance(results[0], dict) and "suffix" in results[0]):
             raise C.RefusalError(f"--suffix {args.suffix}: no 'results' with a 'suffix' in it; pass gcg_repind.py's "

@@ -211,6 +211,19 @@ def test_errors_name_the_fix(files, mode, dirs, message):
         run(files, mode, dirs=dirs)
 
 
+def test_bad_counts_and_unreadable_json_are_refused(files, tmp_path):
+    for flags in (("kl", "--n-val", "0"), ("cone", "--n-samples", "0")):
+        with pytest.raises(C.RefusalError, match="at least 1"):
+            run(files, flags[0], *flags[1:], dirs=("rco",))
+    open(os.path.splitext(files["dim"])[0] + ".json", "w").write("{not json")
+    with pytest.raises(C.RefusalError, match="not readable JSON"):
+        run(files, "asr", dirs=("dim",))
+    bad = tmp_path / "gcg.json"
+    bad.write_text("{half")
+    with pytest.raises(C.RefusalError, match="no 'results' with a 'suffix'"):
+        run(files, "cosine", "--suffix", str(bad), dirs=("rdo",))
+
+
 def test_missing_layer_and_existing_result_are_refused(files, tmp_path):
     files["nolayer"] = C.save_result(str(tmp_path / "nl"), "x", {"direction": torch.randn(32)}, {})
     with pytest.raises(C.RefusalError, match="pass --layer"):
