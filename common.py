@@ -527,7 +527,11 @@ def _load_named(name, seed):
         items = [r[field] for r in ds if not r["input"].strip()]
         rng.shuffle(items)  # the paper reserves 128 more for testing, apart from the 128 validation prompts
         return {"train": items[:-256], "val": items[-256:-128], "test": items[-128:]}
-    items = [r[field][0] if isinstance(r[field], list) else r[field] for r in ds]
+    # XSTest's 200 unsafe contrast prompts are not benign (Figure 22 measures over-refusal on the 250 safe ones);
+    # SORRY-Bench: the base prompts, not the prompt-style mutations, should a release hold them in the same split
+    keep = {"xstest": lambda r: r.get("label", "safe") == "safe",
+            "sorrybench": lambda r: r.get("prompt_style", "base") == "base"}.get(name, lambda r: True)
+    items = [r[field][0] if isinstance(r[field], list) else r[field] for r in ds if keep(r)]
     return {"train": [], "val": items}  # evaluation sets: everything is held out
 
 
@@ -612,8 +616,11 @@ def get_prompts(spec, n_train, n_val, val_spec=None, seed=0, test=False):
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
     """--help: the docstring as written, and each flag's default unless its help already says it."""
     def _get_help_string(self, action):
-        if "default" in (action.help or "") or action.default is None or action.default is False:  # (0 == False)
-            return action.help
+        if "default" in (action.help or "") or action.default is False or action.help == argparse.SUPPRESS:
+            return action.help  # (is False: 0 == False)
+        if action.default is None:  # an optional input left out
+            plain = not action.option_strings or action.nargs == 0 or action.required
+            return action.help if plain else action.help + " (default: none)"
         return super()._get_help_string(action)
 
 

@@ -43,7 +43,7 @@ def parse_args(argv=None):
 def filter_prompts(model, tok, prompts, refusal_ids, harmful, batch_size):
     """Arditi et al.'s optional filter: harmful prompts the model refuses, harmless ones it answers."""
     scores = C.refusal_scores(C.last_logits(model, tok, prompts, batch_size), refusal_ids)
-    return [p for p, s in zip(prompts, scores.tolist()) if (s > 0) == harmful]
+    return [p for p, s in zip(prompts, scores.tolist()) if (s > 0 if harmful else s < 0)]
 
 
 @torch.no_grad()

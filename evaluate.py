@@ -38,7 +38,8 @@ def parse_args(argv=None):
     common = argparse.ArgumentParser(add_help=False)
     C.add_common_args(common, "eval", n_val=128)
     helps = {"harmful": "named set or local file (default: jailbreakbench, 100 goals)",  # their evaluation meaning
-             "n_val": "prompts per evaluation set: a named set's validation split, a local file's first N (default: 128)",
+             "n_val": "prompts per evaluation set: the first N of a named set's test split (Alpaca's 128 held out "
+                      "from training and validation), or of a local file (default: 128)",
              "harmful_val": "a file to evaluate on instead of --harmful", "harmless_val": "a file to evaluate on instead of --harmless",
              "n_train": argparse.SUPPRESS}  # nothing is trained here
     for act in common._actions:
@@ -410,12 +411,13 @@ def orthogonalise(model, directions):
 def run_lm_eval(folder, tasks, device):
     if importlib.util.find_spec("lm_eval") is None:
         msg = (f"lm-eval is not installed (pip install lm-eval): skipped; later: lm_eval --model hf "
-               f"--model_args pretrained={folder} --tasks {tasks}")
+               f"--model_args pretrained={folder} --tasks {tasks} --apply_chat_template")
         print(msg)
         return {"skipped": msg}
     out = os.path.join(folder, "lm_eval")
+    # the paper (Appendix A.3): lm-eval's default settings, except that each model's own chat template is applied
     cmd = [sys.executable, "-m", "lm_eval", "--model", "hf", "--model_args", f"pretrained={folder}", "--tasks", tasks,
-           "--device", str(device), "--output_path", out]
+           "--device", str(device), "--apply_chat_template", "--output_path", out]
     print(" ".join(cmd))
     return {"command": cmd, "returncode": subprocess.run(cmd).returncode, "output_path": out}
 

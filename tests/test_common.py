@@ -218,7 +218,8 @@ def test_named_sets_follow_the_paper_recipe(monkeypatch):
     rows = {"OpenSafetyLab/Salad-Data": [{"question": f"{s} q{i}", "source": s} for s, n in
                                          (("GPTFuzzer", 300), ("HH-harmless", 100), ("Multilingual", 50),
                                           ("ToxicChat", 50), ("Advbench", 400)) for i in range(n)],
-            "tatsu-lab/alpaca": [{"instruction": f"task {i}", "input": "" if i % 3 else "ctx"} for i in range(900)]}
+            "tatsu-lab/alpaca": [{"instruction": f"task {i}", "input": "" if i % 3 else "ctx"} for i in range(900)],
+            "walledai/XSTest": [{"prompt": f"p{i}", "label": "safe" if i % 2 else "unsafe"} for i in range(6)]}
     monkeypatch.setattr(datasets, "load_dataset", lambda hub_id, config=None, split=None: rows[hub_id])
     train, val = C.get_prompts("saladbench", 10_000, 10_000)
     both = train + val
@@ -231,6 +232,7 @@ def test_named_sets_follow_the_paper_recipe(monkeypatch):
     _, test = C.get_prompts("alpaca", 0, 10_000, test=True)  # evaluate.py's: 128 apart from training and validation
     assert len(val) == len(test) == 128 and len(set(train + val + test)) == len(train) + 256 == 600
     assert C.get_prompts("saladbench", 0, 128, test=True)[1] == C.get_prompts("saladbench", 0, 128)[1]  # no test split
+    assert C.get_prompts("xstest", 0, 100)[1] == ["p1", "p3", "p5"]  # the safe prompts only, in order
     monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: (_ for _ in ()).throw(ConnectionError("offline")))
     with pytest.raises(C.RefusalError, match="offline, pass a local"):
         C.get_prompts("jailbreakbench", 0, 100)
@@ -315,14 +317,16 @@ def test_token_ce_is_cross_entropy_in_chunks_with_its_gradient():
     assert torch.equal(ga, gb)
 
 
-def test_help_shows_zero_defaults_but_not_none_or_flags():
+def test_help_shows_zero_and_none_defaults_but_not_flags():
     import argparse
     p = argparse.ArgumentParser(formatter_class=C.HelpFormatter)
     p.add_argument("--zero", type=float, default=0.0, help="a threshold")
     p.add_argument("--unset", default=None, help="optional")
+    p.add_argument("--must", required=True, help="required")
     p.add_argument("--flag", action="store_true", help="a switch")
     p.add_argument("--told", default=3, help="three (default: three)")
     text = " ".join(p.format_help().split())
     assert "a threshold (default: 0.0)" in text  # 0.0 == False in Python: it must still show
-    assert "optional (default" not in text and "a switch (default" not in text
+    assert "optional (default: none)" in text  # left out, it is not used: say so
+    assert "required (default" not in text and "a switch (default" not in text
     assert text.count("default: three") == 1
