@@ -47,7 +47,7 @@ def parse_args(argv=None):
     a = p.add_argument
     a("--prompt", default=None, help="one instruction to attack (default: the first --n of --harmful-val, else of "
       "--harmful's held-out split)")
-    a("--n", type=int, default=1, help="prompts taken from --harmful, one suffix each")
+    a("--n", type=int, default=1, help="prompts taken from --harmful-val or --harmful, one suffix each")
     a("--target", default=None, help="affirmative target for every prompt (default: 'Sure, here is' + the rest of "
                                      "the request, as JailbreakBench targets are written)")
     a("--direction", default=None, help="direction file (.safetensors from dim/rdo/repind.py) for the RepInd term")
@@ -93,7 +93,8 @@ def split_template(tok, instruction):
     tokenizes to).
     """
     text = C.format_chat(tok, [f"{instruction} {C.SENTINEL}"])[0]
-    before, after = text.split(" " + C.SENTINEL)
+    sep = " " + C.SENTINEL if " " + C.SENTINEL in text else C.SENTINEL  # (a template could rewrite the space)
+    before, after = text.split(sep)
     ids = lambda s: tok(s, add_special_tokens=False)["input_ids"]
     return ids(before), ids(after)
 
