@@ -109,8 +109,10 @@ def get_dim(model, tok, args, out, data):
         raise C.RefusalError("no DIM candidate passed the filters; run dim.py (see its message) and pass --dim, "
                              "or pass --layer")
     i, layer = info["chosen"]
-    path = C.save_result(out, "dim", {"direction": vec}, {"model": args.model, "layer": layer, "position": i - info["n_post"],
-                                                          "alpha": vec.norm().item(), **C.provenance(dim_args)})
+    scores, _ = info.pop("scores"), info.pop("candidates")  # as dim.py's sidecar: the data sizes and chosen scores
+    path = C.save_result(out, "dim", {"direction": vec}, {
+        "model": args.model, **C.provenance(dim_args), **info, "layer": layer, "position": i - info["n_post"],
+        "alpha": vec.norm().item(), "selected_scores": {k: scores[k][i, layer].item() for k in scores}})
     print(f"computed the DIM direction at layer {layer}, position {i - info['n_post']}: saved to {path}")
     return vec, layer
 

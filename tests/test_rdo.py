@@ -269,7 +269,10 @@ def test_without_dim_rdo_computes_it_at_the_given_layer(setup, monkeypatch):
     dim_argv = base[:i] + ["--dtype", "float32", "--layer", "1", "--out", str(tmp / "dimpy")]  # the same data flags
     dim_argv[dim_argv.index("--n-train") + 1] = "8"  # ... and dim.py's own training set: the same direction
     dim.main(dim_argv)
-    torch.testing.assert_close(dim_t["direction"], C.load_result(str(tmp / "dimpy" / "dim.safetensors"))[0]["direction"])
+    dimpy = C.load_result(str(tmp / "dimpy" / "dim.safetensors"))
+    torch.testing.assert_close(dim_t["direction"], dimpy[0]["direction"])
+    for key in ("position", "data", "selected_scores", "n_post"):  # the sidecar tells what dim.py's would
+        assert dim_meta[key] == pytest.approx(dimpy[1][key], rel=1e-5), key
     os.remove(tmp / "nodim" / "rdo.safetensors")  # a DIM result alone in the folder is not replaced silently
     with pytest.raises(C.RefusalError, match="already holds a DIM result: pass --dim .*dim.safetensors"):
         rdo.main(base[:i] + base[i + 2:] + ["--layer", "1", "--max-steps", "1", "--out", str(tmp / "nodim")])
