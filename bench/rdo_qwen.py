@@ -14,7 +14,7 @@ Needs bench/dim_qwen.py's result first (runs/bench/dim_qwen/selected/dim.safeten
   python bench/rdo_qwen.py --out runs/bench/rdo_qwen --reselect --kl-threshold 0.02   # no training: choose
       again among that run's saved iterates with another KL bound (writes bench_rdo_qwen_kl0.02.json)
   python bench/rdo_qwen.py --out runs/bench/A --reselect --pool runs/bench/B runs/bench/C   # one selection over
-      several seeds' iterates (writes A/bench_rdo_qwen_pool_kl0.1.json)
+      several seeds' iterates (writes A/bench_rdo_qwen_pool_kl0.1.json; with more runs, _pool<n>_)
 """
 import argparse, json, os, sys, time
 
@@ -81,7 +81,8 @@ if args.reselect:  # the same val prompts and scores as rdo.py's own selection, 
     print(f"kl <= {args.kl_threshold}: chose candidate {chosen['step']} of {len(candidates)}, step {step} of {run} "
           f"(rdo.py chose step {rdo_meta['chosen_step']} of {args.out})")
     rdo_meta = {**rdo_meta, "chosen_step": step, "chosen_scores": {**chosen, "step": step, "run": run}}
-    out_json = os.path.join(args.out, f"bench_rdo_qwen{'_pool' if args.pool else ''}_kl{args.kl_threshold:g}.json")
+    pooled = f"_pool{len(args.pool) + 1}" if len(args.pool) > 1 else "_pool" * bool(args.pool)  # (_pool: two runs)
+    out_json = os.path.join(args.out, f"bench_rdo_qwen{pooled}_kl{args.kl_threshold:g}.json")
 dim_vec, dim_meta = C.load_direction(args.dim, model)
 alpha, layer = rdo_meta["alpha"], rdo_meta["layer"]
 harm, safe = held_out(args.n_eval)
