@@ -91,6 +91,9 @@ def load_model(name, device="auto", dtype="auto"):
         if device == "multi":  # models larger than one GPU: spread the layers over all GPUs (accelerate)
             model_kw["device_map"] = "auto"
         model = AutoModelForCausalLM.from_pretrained(path, **model_kw)
+    except ImportError as e:  # e.g. a .gguf file without the optional `gguf` package
+        raise RefusalError(f"cannot load model '{name}': {str(e).strip().splitlines()[0]} (the optional packages: "
+                           "pip install -r requirements-extra.txt)") from e
     except (OSError, ValueError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise RefusalError(f"cannot load model '{name}' ({first}); check the hub id or local path, "
@@ -438,7 +441,8 @@ def layer_cosines(model, tokenizer, instructions, directions, batch_size=32, des
 
 # generate() fills every option a call leaves unset from the model's generation_config.json, and hub chat models set
 # some that change which token comes next (Qwen2.5-Instruct: repetition_penalty 1.05, sampling with top_k 20, top_p
-# 0.8). The paper's completions are plain greedy, so every call names the neutral value of each such option.
+# 0.8). The paper's completions are plain greedy, so every call names the neutral value of the options that hub
+# configs set (sampling, beams, repetition penalty, n-gram blocking).
 GREEDY = dict(do_sample=False, num_beams=1, repetition_penalty=1.0, no_repeat_ngram_size=0, temperature=None,
               top_p=None, top_k=None)
 SAMPLE = dict(do_sample=True, num_beams=1, repetition_penalty=1.0, no_repeat_ngram_size=0, top_k=0, top_p=1.0,

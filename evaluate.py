@@ -285,6 +285,8 @@ def mode_cosine(model, tok, args, dirs, data):
             raise C.RefusalError(f"--suffix {args.suffix}: no 'results' with a 'suffix' in it; pass gcg_repind.py's "
                                  "gcg.json, or the suffix text itself")
         suffix = results[0]["suffix"]  # with its leading space: gcg_repind.py's prompt is instruction + suffix
+        if "suffix_retokenizes" in results[0]:  # an older gcg.json: the suffix followed a space it did not hold
+            suffix = " " + suffix
         print(f"suffix from {args.suffix}: {suffix!r}")
     elif suffix:
         suffix = " " + suffix  # a suffix given as text follows the instruction after a space

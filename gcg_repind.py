@@ -112,8 +112,10 @@ def forbidden_ids(tok, vocab_size, allow_non_ascii=False, allow_special=False):
 
 
 def init_suffix(tok, n, word="x"):
-    """n tokens of ' x x x ...' as they tokenize after a word (the first word of a text tokenizes without its space)."""
-    ids = tok(" ".join([word] * (n + 1)), add_special_tokens=False)["input_ids"][1:n + 1]
+    """n tokens of ' x x x ...' as they tokenize after a word (the first word of a text tokenizes without its space,
+    so it is tokenized and dropped)."""
+    first = len(tok(word, add_special_tokens=False)["input_ids"])
+    ids = tok(" ".join([word] * (n + 1)), add_special_tokens=False)["input_ids"][first:first + n]
     if len(ids) < n:
         raise C.RefusalError(f"--init '{word}' repeated gives fewer than --suffix-len {n} tokens; use a shorter word")
     return torch.tensor(ids)
@@ -209,11 +211,19 @@ def sample_candidates(ids, grad, topk, width, forbidden, gen):
     return torch.tensor(list(first), dtype=cand.dtype)
 
 
-def retokenizes(tok, cand):
-    """Mask of the candidates whose text re-encodes to the same ids (else the suffix would not work as text)."""
-    texts = tok.batch_decode(cand.tolist())
-    again = tok(texts, add_special_tokens=False)["input_ids"]
-    return torch.tensor([a == c for a, c in zip(again, cand.tolist())], dtype=torch.bool)
+def retokenizes(tok, cand, context=()):
+    """Mask of the candidates whose text re-encodes to the same ids (else the suffix would not work as text), read
+    after `context`, the instruction's last token: a suffix starting 's x' after ' bomb' would read as ' bombs'."""
+    context = list(context)
+    rows = [context + c for c in cand.tolist()]
+    again = tok(tok.batch_decode(rows), add_special_tokens=False)["input_ids"]
+    return torch.tensor([a == r for a, r in zip(again, rows)], dtype=torch.bool)
+
+
+def suffix_text(tok, before, ids):
+    """The suffix as text after the instruction, its leading space included (decoded in context: some tokenizers
+    drop a text's leading space when decoding it alone); the prompt is `instruction + suffix_text`."""
+    return tok.decode(list(before) + list(ids))[len(tok.decode(list(before))):]
 
 
 @torch.no_grad()
@@ -254,7 +264,8 @@ def gcg_step(model, tok, ctx, ids, unit, weight, args, forbidden, gen, batch_siz
     grad, ce_now, cos_now, greedy = token_grad(model, ctx, ids, unit, weight)
     now = {"ce": ce_now, "cos": None if cos_now is None else cos_now.mean().item(), "greedy": greedy}
     cand = sample_candidates(ids, grad, args.topk, args.search_width, forbidden, gen)
-    cand = cand[retokenizes(tok, cand)]
+    last = ctx["before"][-1:].tolist()
+    cand = cand[retokenizes(tok, cand, last if retokenizes(tok, ids[None], last)[0] else ())]  # (else: alone)
     if len(cand) == 0:
         raise C.RefusalError("no candidate survives decode/re-encode: try --init with another word")
     losses, batch_size = candidate_losses(model, ctx, ids, cand, unit, weight, batch_size)
@@ -296,23 +307,21 @@ def attack(model, tok, instruction, target, unit, args, forbidden, state, save):
             tqdm.write(f"prompt {state['index']} step {s}: target is the greedy output (CE {now['ce']:.3f}): stop")
             break
         ids = new
-        state["history"].append({"step": s, "loss": loss, "ce": ce, "cos": cos, "suffix": tok.decode(ids)})
+        state["history"].append({"step": s, "loss": loss, "ce": ce, "cos": cos, "suffix": suffix_text(tok, before, ids)})
         if loss < state["best"]["loss"]:
             state["best"] = {"loss": loss, "ce": ce, "cos": cos, "ids": ids.tolist(), "step": s}
         state.update(step=s + 1, ids=ids.tolist(), gen=gen.get_state())
         save()
         bar.update(1)
         tqdm.write(f"prompt {state['index']} step {s}: loss {loss:.4f} (CE {ce:.4f}, cos {cos:+.4f}) "
-                   f"suffix {tok.decode(ids)!r}")
+                   f"suffix {suffix_text(tok, before, ids)!r}")
     bar.close()
     best = torch.tensor(state["best"]["ids"] or state["ids"])
     full = torch.tensor(before + best.tolist() + after)
     with torch.no_grad():
         ce, cos_after, greedy = suffix_losses(model, ctx, best[None].to(C.input_device(model)), unit)
     completion = complete(model, tok, full, args.max_new_tokens)
-    # the suffix as text after the instruction, its leading space included (decoded in context: some tokenizers drop
-    # a text's leading space when decoding it alone); the prompt is `instruction + suffix`
-    suffix = tok.decode(before + best.tolist())[len(tok.decode(before)):]
+    suffix = suffix_text(tok, before, best.tolist())
     prompt = C.format_chat(tok, [instruction + suffix])[0]
     rec = {"instruction": instruction, "target": target, "suffix": suffix, "suffix_ids": best.tolist(),
            "prompt_retokenizes": tok(prompt, add_special_tokens=False)["input_ids"] == full.tolist(),

@@ -128,7 +128,7 @@ def cut_first_sentence(tok, ids):
 def get_targets(model, tok, harm, safe, dim_vec, layer, args):
     """t_answer, t_refusal, t_retain as token ids; cached under a key of everything they depend on."""
     key_src = json.dumps([args.model, harm, safe, args.answer_tokens, args.refusal_tokens, args.retain_tokens, layer,
-                          C.tensor_hash(dim_vec), str(model.dtype)])
+                          C.tensor_hash(dim_vec), str(model.dtype), sorted(C.GREEDY.items())])  # (how they decode)
     key = hashlib.sha256(key_src.encode()).hexdigest()[:16]
     folder = args.cache or C.model_dir(args.model, "targets")
     path = os.path.join(folder, f"targets_{key}.json")

@@ -81,3 +81,13 @@ def test_nan_loss_stops_with_a_clear_message(env, script, monkeypatch):
     with pytest.raises(C.RefusalError, match="loss is nan"):
         MAINS[script](argv(script, env) + ["--answer-tokens", "2", "--retain-tokens", "2", "--refusal-tokens", "2",
                                             "--cache", str(env["tmp"] / "cache")])
+
+
+def test_a_missing_optional_package_names_the_extras(env, monkeypatch):
+    import transformers
+
+    def needs_gguf(*a, **k):  # what transformers raises for a .gguf file without the `gguf` package
+        raise ImportError("Loading a GGUF checkpoint in PyTorch requires the gguf package")
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", needs_gguf)
+    with pytest.raises(C.RefusalError, match="requires the gguf package .*requirements-extra.txt"):
+        C.load_model(env["plain"])

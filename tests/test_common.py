@@ -219,7 +219,9 @@ def test_named_sets_follow_the_paper_recipe(monkeypatch):
                                          (("GPTFuzzer", 300), ("HH-harmless", 100), ("Multilingual", 50),
                                           ("ToxicChat", 50), ("Advbench", 400)) for i in range(n)],
             "tatsu-lab/alpaca": [{"instruction": f"task {i}", "input": "" if i % 3 else "ctx"} for i in range(900)],
-            "walledai/XSTest": [{"prompt": f"p{i}", "label": "safe" if i % 2 else "unsafe"} for i in range(6)]}
+            "walledai/XSTest": [{"prompt": f"p{i}", "label": "safe" if i % 2 else "unsafe"} for i in range(6)],
+            "sorry-bench/sorry-bench-202406": [{"turns": [f"q{i}"], "prompt_style": "base" if i < 2 else "slang"}
+                                               for i in range(4)]}
     monkeypatch.setattr(datasets, "load_dataset", lambda hub_id, config=None, split=None: rows[hub_id])
     train, val = C.get_prompts("saladbench", 10_000, 10_000)
     both = train + val
@@ -233,6 +235,7 @@ def test_named_sets_follow_the_paper_recipe(monkeypatch):
     assert len(val) == len(test) == 128 and len(set(train + val + test)) == len(train) + 256 == 600
     assert C.get_prompts("saladbench", 0, 128, test=True)[1] == C.get_prompts("saladbench", 0, 128)[1]  # no test split
     assert C.get_prompts("xstest", 0, 100)[1] == ["p1", "p3", "p5"]  # the safe prompts only, in order
+    assert C.get_prompts("sorrybench", 0, 100)[1] == ["q0", "q1"]  # the base prompts, not the mutated styles
     monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: (_ for _ in ()).throw(ConnectionError("offline")))
     with pytest.raises(C.RefusalError, match="offline, pass a local"):
         C.get_prompts("jailbreakbench", 0, 100)

@@ -62,6 +62,18 @@ def test_selection_prunes_the_last_20_percent_of_layers():
     assert dim.select_direction(s, 10, prune_layers=0.0)[0] == (0, 8)
     # Arditi et al.'s count, int(n * 0.8): Qwen-0.5B keeps layers 0-18 of 24, Gemma-2-2B 0-19 of 26, Llama-3-8B 0-24
     assert [dim.first_pruned_layer(n, 0.2) for n in (10, 24, 26, 32)] == [8, 19, 20, 25]
+    s = crafted(n_layers=24)
+    s["bypass"][0, 19], s["bypass"][0, 18] = -9.0, -1.0  # 24 - int(4.8) = 20 would have kept layer 19
+    chosen, reasons = dim.select_direction(s, 24)
+    assert chosen == (0, 18) and "layer in last 20%" in reasons[(0, 19)]
+
+
+def test_prompt_filter_keeps_harmless_prompts_scoring_below_zero_only(monkeypatch):
+    scores = torch.tensor([1.0, 0.0, -1.0], dtype=torch.float64)
+    monkeypatch.setattr(dim.C, "last_logits", lambda *a, **k: None)
+    monkeypatch.setattr(dim.C, "refusal_scores", lambda *a, **k: scores)
+    assert dim.filter_prompts(None, None, ["a", "b", "c"], None, True, 4) == ["a"]  # harmful: refused (> 0)
+    assert dim.filter_prompts(None, None, ["a", "b", "c"], None, False, 4) == ["c"]  # harmless: answered (< 0)
 
 
 def test_selection_with_a_pinned_layer_and_when_everything_is_discarded():

@@ -1,6 +1,7 @@
 """evaluate.py: each mode's numbers on tiny models (crafted completions, hand computations, export equivalence),
 missing optional packages, and error paths."""
 import json, os, sys
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -100,6 +101,9 @@ def test_cosine_suffix_from_a_gcg_result(files, tmp_path):
     assert by_file["suffix"] == " x y z"
     by_text = run(files, "cosine", "--suffix", "x y z", "--overwrite")
     assert by_file["results"]["with suffix"] == by_text["results"]["with suffix"]
+    gcg.write_text(json.dumps({"results": [{"suffix": "x y z", "suffix_retokenizes": True}]}))  # an older gcg.json
+    older = run(files, "cosine", "--suffix", str(gcg), "--overwrite")
+    assert older["suffix"] == " x y z" and older["results"]["with suffix"] == by_text["results"]["with suffix"]
     for wrong in ({"suffix": "old layout"}, ["x"], {"results": {"clean": []}}):
         gcg.write_text(json.dumps(wrong))
         with pytest.raises(C.RefusalError, match="no 'results' with a 'suffix'"):
@@ -183,6 +187,21 @@ def test_export_gemma_is_approximate_and_says_so(files, tmp_path, capsys):
     assert f"{res['max_logit_diff']:.3g}" in out
     if E.importlib.util.find_spec("lm_eval") is None:
         assert "lm-eval is not installed" in out and "skipped" in res["lm_eval"]
+
+
+def test_lm_eval_applies_the_chat_template(monkeypatch):
+    monkeypatch.setattr(E.importlib.util, "find_spec", lambda name, *a: object())  # as if lm_eval were installed
+    ran = []
+    monkeypatch.setattr(E.subprocess, "run", lambda cmd: ran.append(cmd) or SimpleNamespace(returncode=0))
+    assert E.run_lm_eval("folder", "mmlu", "cpu")["returncode"] == 0
+    assert "--apply_chat_template" in ran[0] and ran[0][ran[0].index("--tasks") + 1] == "mmlu"  # Appendix A.3
+
+
+def test_named_sets_are_evaluated_on_their_test_split(monkeypatch):
+    parts = {"train": ["t"], "val": ["v1", "v2"], "test": ["x1", "x2"]}
+    monkeypatch.setattr(C, "_load_named", lambda name, seed: parts)
+    args = E.parse_args(["kl", "--model", "m", "--direction", "d", "--harmless", "alpaca", "--n-val", "2"])
+    assert E.load_data(args) == {"harmless": ["x1", "x2"]}  # not the prompts the training scripts selected on
 
 
 def test_missing_optional_packages(monkeypatch, capsys, tmp_path):

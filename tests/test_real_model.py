@@ -60,3 +60,9 @@ def test_gcg_prompt_is_what_its_text_tokenizes_to():
         suffix = tok.decode(before + ids)[len(tok.decode(before)):]
         assert suffix == " x x x x x"
         assert tok(C.format_chat(tok, [prompt + suffix])[0], add_special_tokens=False)["input_ids"] == before + ids + after
+    # a first token without its space would fuse with the instruction's last word (' bomb' + 's' reads ' bombs')
+    fused = tok("s x x x", add_special_tokens=False)["input_ids"]
+    assert G.retokenizes(tok, torch.tensor([fused, ids[:4]])).tolist() == [True, True]  # alone, both pass
+    assert G.retokenizes(tok, torch.tensor([fused, ids[:4]]), before[-1:]).tolist() == [False, True]
+    multi = G.init_suffix(tok, 4, "xyzzy").tolist()  # a word of several tokens: whole words, the space first
+    assert tok.decode(multi).startswith(" xyz") and len(multi) == 4
