@@ -264,8 +264,11 @@ def gcg_step(model, tok, ctx, ids, unit, weight, args, forbidden, gen, batch_siz
     grad, ce_now, cos_now, greedy = token_grad(model, ctx, ids, unit, weight)
     now = {"ce": ce_now, "cos": None if cos_now is None else cos_now.mean().item(), "greedy": greedy}
     cand = sample_candidates(ids, grad, args.topk, args.search_width, forbidden, gen)
+    # each candidate is read after the instruction's last token, unless even the current suffix does not re-encode
+    # there (an odd tokenizer): then on its own
     last = ctx["before"][-1:].tolist()
-    cand = cand[retokenizes(tok, cand, last if retokenizes(tok, ids[None], last)[0] else ())]  # (else: alone)
+    context = last if retokenizes(tok, ids[None], last)[0] else []
+    cand = cand[retokenizes(tok, cand, context)]
     if len(cand) == 0:
         raise C.RefusalError("no candidate survives decode/re-encode: try --init with another word")
     losses, batch_size = candidate_losses(model, ctx, ids, cand, unit, weight, batch_size)
