@@ -47,7 +47,7 @@ def label(a):
     if a["dim"] != DIM:  # bench/rdo_qwen.py's default
         parts.append(os.path.basename(os.path.dirname(a["dim"])))
     if a.get("reselect"):
-        parts.append(f"kl<={a['kl_threshold']:g}" + (f" pooled over {len(a['pool']) + 1} runs" if a.get("pool") else ""))
+        parts.append(f"kl<={a['kl_threshold']:g}" + (f" pooled x{len(a['pool']) + 1}" if a.get("pool") else ""))
     return ", ".join(parts)
 
 
