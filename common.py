@@ -615,6 +615,12 @@ def get_prompts(spec, n_train, n_val, val_spec=None, seed=0, test=False):
     return train[:n_train], val[:n_val]
 
 
+def held_out_prompts(spec, n, seed=0):
+    """The first n prompts to evaluate or attack: a named set's test split (its validation split where it has none;
+    an evaluation set whole), or a local file's first n in file order."""
+    return get_prompts(spec, 0, n, seed=seed, test=True)[1] if spec in NAMED_SETS else load_instructions(spec)[:n]
+
+
 # ----------------------------------------------------------------------------- results
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):

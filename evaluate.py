@@ -90,9 +90,7 @@ def load_data(args):
     need = ["harmless"] if args.mode in ("induce", "kl", "export") else ["harmful"]
     if sources["benign"]:  # Figure 22 also scores the harmful set
         need += ["harmful", "benign"]
-    load = lambda src: (C.get_prompts(src, 0, args.n_val, seed=args.seed, test=True)[1] if src in C.NAMED_SETS
-                        else C.load_instructions(src)[:args.n_val])
-    return {k: load(sources[k]) for k in need}
+    return {k: C.held_out_prompts(sources[k], args.n_val, args.seed) for k in need}
 
 
 def load_directions(args, model):

@@ -309,15 +309,15 @@ def attack(model, tok, instruction, target, unit, args, forbidden, state, save):
             save()
             tqdm.write(f"prompt {state['index']} step {s}: target is the greedy output (CE {now['ce']:.3f}): stop")
             break
-        ids = new
-        state["history"].append({"step": s, "loss": loss, "ce": ce, "cos": cos, "suffix": suffix_text(tok, before, ids)})
+        ids, text = new, suffix_text(tok, before, new)
+        state["history"].append({"step": s, "loss": loss, "ce": ce, "cos": cos, "suffix": text})
         if loss < state["best"]["loss"]:
             state["best"] = {"loss": loss, "ce": ce, "cos": cos, "ids": ids.tolist(), "step": s}
         state.update(step=s + 1, ids=ids.tolist(), gen=gen.get_state())
         save()
         bar.update(1)
         tqdm.write(f"prompt {state['index']} step {s}: loss {loss:.4f} (CE {ce:.4f}, cos {cos:+.4f}) "
-                   f"suffix {suffix_text(tok, before, ids)!r}")
+                   f"suffix {text!r}")
     bar.close()
     best = torch.tensor(state["best"]["ids"] or state["ids"])
     full = torch.tensor(before + best.tolist() + after)
@@ -362,12 +362,7 @@ def main(argv=None):
                              "it, --resume to continue it, or --out elsewhere")
     os.makedirs(out, exist_ok=True)
 
-    if args.prompt:
-        prompts = [args.prompt]
-    elif (args.harmful_val or args.harmful) in C.NAMED_SETS:
-        prompts = C.get_prompts(args.harmful_val or args.harmful, 0, args.n, seed=args.seed, test=True)[1][:args.n]
-    else:
-        prompts = C.load_instructions(args.harmful_val or args.harmful)[:args.n]  # file order: the first --n
+    prompts = [args.prompt] if args.prompt else C.held_out_prompts(args.harmful_val or args.harmful, args.n, args.seed)
     model, tok = C.load_model(args.model, args.device, args.dtype)
     unit = None
     if args.direction:

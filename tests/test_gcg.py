@@ -158,9 +158,7 @@ def test_seeds_repeat_and_resume_continues(tiny_dir, tmp_path, direction_file):
         run_gcg(tiny_dir, tmp_path / "c", *flags, "--resume")
     open(direction_file, "wb").write(real)
     with pytest.raises(C.RefusalError, match="dtype"):  # what was loaded, whatever --dtype said
-        G.main(["--model", tiny_dir, "--device", "cpu", "--dtype", "bfloat16", "--prompt", HARMFUL[1], "--suffix-len",
-                "6", "--search-width", "24", "--topk", "8", "--steps", "3", "--max-new-tokens", "4", "--out",
-                str(tmp_path / "c"), *flags, "--resume"])
+        run_gcg(tiny_dir, tmp_path / "c", *flags, "--resume", "--dtype", "bfloat16")
     c = run_gcg(tiny_dir, tmp_path / "c", *flags, "--resume")["results"][0]
     assert c["history"] == a["history"] and c["suffix_ids"] == a["suffix_ids"]
     assert not os.path.exists(tmp_path / "c" / "gcg_checkpoint.pt")
