@@ -41,7 +41,8 @@ def label(a):
     parts = [f"{a['n_train']} pairs", f"ret {a['lambda_ret']:g}"]
     for key, default, text in (("patience", 5, "pat {}"), ("lambda_add", 0.2, "add {:g}"), ("init", None, "init {}"),
                                ("epochs", 1, "{} epochs"), ("seed", 0, "seed {}"),
-                               ("amsgrad", False, "amsgrad"), ("max_grad_norm", None, "clip {:g}")):
+                               ("amsgrad", False, "amsgrad"), ("max_grad_norm", None, "clip {:g}"),
+                               ("retain_tokens", None, "{} retain tokens")):
         if a.get(key, default) != default:
             parts.append(text.format(a[key]))
     if a["dim"] != DIM:  # bench/rdo_qwen.py's default

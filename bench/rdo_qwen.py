@@ -40,6 +40,8 @@ p.add_argument("--lr", type=float, default=0.01)
 p.add_argument("--patience", type=int, default=5, help="plateau steps before lr / 10 (rdo.py's flag)")
 p.add_argument("--amsgrad", action="store_true", help="rdo.py's flag (the authors' optimiser, with --max-grad-norm 10)")
 p.add_argument("--max-grad-norm", type=float, default=None, help="rdo.py's flag")
+p.add_argument("--retain-tokens", type=int, default=None, help="rdo.py's flag: t_retain's length (the retain KL "
+               "averages over it and the last template token; this bench's KL takes the last position alone)")
 p.add_argument("--kl-threshold", type=float, default=0.1, help="the selection's KL bound (rdo.py's flag)")
 p.add_argument("--skip-train", action="store_true", help="evaluate an existing rdo.py result in --out")
 p.add_argument("--reselect", action="store_true", help="no training: choose again among the iterates saved by "
@@ -54,7 +56,7 @@ t0 = time.time()
 rdo_argv = ["--model", QWEN, "--dim", args.dim, *split_args(), "--n-train", str(args.n_train), "--n-val", "32",
             "--select-last", "20", "--seed", str(args.seed), "--out", args.out, "--overwrite"]
 for flag in ("lambda_ret", "lambda_add", "lr", "patience", "kl_threshold", "max_steps", "epochs", "layer", "init",
-             "max_grad_norm"):
+             "max_grad_norm", "retain_tokens"):
     if getattr(args, flag) is not None:
         rdo_argv += ["--" + flag.replace("_", "-"), str(getattr(args, flag))]
 rdo_argv += ["--amsgrad"] * args.amsgrad
@@ -94,7 +96,8 @@ base = json.load(open(prior))["baseline"] if os.path.isfile(prior) else measure(
 t_eval = time.time() - t1
 
 print(f"\nQwen2.5-Coder-0.5B-Instruct, layer {layer}, alpha {alpha:.2f}; RDO: {rdo_meta['data']['train_pairs']} pairs, "
-      f"{len(rdo_meta['history'])} steps, chosen step {rdo_meta['chosen_step']}, lambda_ret {args.lambda_ret}; "
+      f"{len(rdo_meta['history'])} steps, chosen step {rdo_meta['chosen_step']}, lambda_ret {args.lambda_ret}"
+      f"{'' if args.retain_tokens is None else f', {args.retain_tokens} retain tokens'}; "
       f"{args.n_eval} + {args.n_eval} held-out prompts, 64 new tokens, substring judge")
 print(f"{'':28s} {'baseline':>9s} {'DIM':>9s} {'RDO':>9s}")
 for key, name in (("harmful_refusal", "harmful refusal (ablated)"), ("harmless_refusal", "harmless refusal (added)")):
