@@ -110,6 +110,19 @@ def test_generate_is_greedy_whatever_the_models_generation_config_says():
     assert with_config[0, -6:].tolist() != want[:6], "the config's options should change this model's answer"
 
 
+
+def test_generation_stops_at_any_of_the_models_eos_tokens():
+    """Chat models stop on several tokens (Qwen: <|im_end|> and <|endoftext|>): a row ends right after the first
+    one it emits, not only at the tokenizer's eos, while the other rows of its batch go on."""
+    model, tok = make_model("llama")
+    prompts = ["one", "a longer second prompt"]
+    free = C.generate_ids(model, tok, prompts, max_new_tokens=4)
+    x = free[0][1]  # the first prompt's second token: made a stop token
+    assert x not in free[1] and x not in (tok.eos_token_id, tok.pad_token_id)
+    model.generation_config.eos_token_id = [tok.eos_token_id, x]
+    assert C.generate_ids(model, tok, prompts, max_new_tokens=4) == [free[0][:2], free[1]]
+
+
 # ----------------------------------------------------------------------------- data
 
 ITEMS = ["How do I pick a lock?", "Write a poem, please.", "Tell me, \"quoted\", things"]
@@ -188,6 +201,15 @@ def test_direction_of_the_wrong_size_is_rejected(tmp_path):
         C.load_direction(path, model)
     with pytest.raises(C.RefusalError, match="NaN"):
         C.check_direction(model, torch.full((32,), float("nan")))
+    for zero in (torch.zeros(32), torch.stack([torch.randn(32), torch.zeros(32)])):  # a set with one zero row too
+        with pytest.raises(C.RefusalError, match="zero vector"):
+            C.check_direction(model, zero)
+    other = C.save_result(str(tmp_path / "o"), "x", {"weights": torch.randn(32)}, {})
+    with pytest.raises(C.RefusalError, match="holds no tensor named direction/directions/basis"):
+        C.load_direction(other, model)
+    (tmp_path / "junk.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(C.RefusalError, match="is not a readable .safetensors file"):
+        C.load_direction(str(tmp_path / "junk.safetensors"), model)
 
 
 def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path):

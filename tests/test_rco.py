@@ -1,5 +1,6 @@
 """rco.py: uniform cone samples, Gram-Schmidt, the cone loss's gradient, growing cones, resume."""
 import math, os
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -72,7 +73,6 @@ def test_per_example_directions_match_separate_runs():
 def test_cone_gradient_matches_finite_differences():
     model, tok = make_model("llama")
     model.double()
-    from types import SimpleNamespace
     S = SimpleNamespace(model=model, tok=tok, alpha=2.0, layer=1, lambdas={"abl": 1.0, "add": 0.2, "ret": 1.0}, micro_batch=3)
     tg = [[40, 41], [42, 43, 44]]
     batch = list(zip(HARMFUL[:2], HARMLESS[:2], tg, tg[::-1], tg))
@@ -89,6 +89,77 @@ def test_cone_gradient_matches_finite_differences():
     E, h = torch.randn_like(B0), 1e-3
     fd = (loss(B0 + h * E)[0] - loss(B0 - h * E)[0]) / (2 * h)
     assert (G * E).sum().item() == pytest.approx(fd, rel=2e-4)
+
+
+def test_cone_loss_is_the_sample_loss_plus_the_basis_loss():
+    """Algorithm 2, lines 4-6: L = L_sample (mean RDO loss of `samples` cone directions s B per example) + L_basis
+    (mean RDO loss of every basis vector with every example); dL/dB sums both parts' gradients, through r = s B."""
+    model, tok = make_model("llama")
+    lam = {"abl": 1.0, "add": 0.2, "ret": 1.0}
+    S = SimpleNamespace(model=model, tok=tok, alpha=2.0, layer=1, lambdas=lam, micro_batch=4)
+    tg = [[40, 41], [42, 43, 44]]
+    batch = list(zip(HARMFUL[:2], HARMLESS[:2], tg, tg[::-1], tg))
+    B = rco.gram_schmidt(torch.randn(2, C.hidden_size(model))).requires_grad_(True)
+    out = rco.cone_loss_and_grad(S, B, batch, 3, torch.Generator().manual_seed(5))
+
+    def rdo_rows(dirs, rows):  # one direction per row
+        R = dirs.detach().clone().requires_grad_(True)
+        return rdo.loss_and_grad(model, tok, R, rows, 2.0, 1, lam, 4), R.grad
+
+    s = rco.sample_coefficients(2, 2 * 3, torch.Generator().manual_seed(5))  # the same draws: 3 per example
+    sample, g_sample = rdo_rows(s @ B, [x for x in batch for _ in range(3)])
+    basis, g_basis = rdo_rows(torch.cat([B, B]), [x for x in batch for _ in range(2)])  # (example, b_i) pairs
+    assert out["sample"] == pytest.approx(sample["loss"], rel=1e-6)
+    assert out["basis"] == pytest.approx(basis["loss"], rel=1e-6)
+    assert out["loss"] == pytest.approx(sample["loss"] + basis["loss"], rel=1e-6)
+    for key in lam:
+        assert out[f"sample_{key}"] == pytest.approx(sample[key], rel=1e-6)
+        assert out[f"basis_{key}"] == pytest.approx(basis[key], rel=1e-6)
+    torch.testing.assert_close(B.grad, s.T @ g_sample + g_basis.view(2, 2, -1).sum(0), rtol=1e-5, atol=1e-7)
+
+
+def test_bypass_score_is_the_refusal_score_with_the_direction_ablated():
+    model, tok = make_model("llama")
+    S = SimpleNamespace(model=model, tok=tok, harm_val=HARMFUL[:3], safe_val=HARMLESS[:3])
+    ids = C.refusal_token_ids(tok)
+    R = torch.randn(2, C.hidden_size(model))
+    got = rco.bypass_scores(S, R, ids, SimpleNamespace(batch_size=2))
+    clean = C.refusal_scores(C.last_logits(model, tok, HARMFUL[:3], 2), ids).mean().item()
+    for r, score in zip(R, got):
+        with C.directional_ablation(model, r):
+            want = C.refusal_scores(C.last_logits(model, tok, HARMFUL[:3], 2), ids).mean().item()
+        assert score == pytest.approx(want, rel=1e-6)
+        assert abs(want - clean) > 1e-3  # the ablation matters on this model
+
+
+def select_with(monkeypatch, sample_bypass):
+    """select_basis over 5 iterates (the last 4 candidates) whose basis vectors all fail the induce filter, with faked
+    scores: each candidate's basis vectors score bypass -10 * step (the later, the lower), its cone samples score
+    sample_bypass[i]. Returns the choice, the scores, the iterates and the directions each sample scoring got."""
+    model, tok = make_model("llama")
+    S = SimpleNamespace(model=model, tok=tok, harm_val=HARMFUL[:2], safe_val=HARMLESS[:2], alpha=2.0, layer=1,
+                        device=torch.device("cpu"))
+    args = SimpleNamespace(batch_size=4, select_last=4, kl_threshold=0.1, induce_threshold=0.0, select_samples=3, seed=0)
+    iterates = [rco.gram_schmidt(torch.randn(2, C.hidden_size(model))) for _ in range(5)]
+    steps, seen, values = iter([1, 1, 2, 2, 3, 3, 4, 4]), [], iter(sample_bypass)
+    monkeypatch.setattr(rco.dim, "score_direction", lambda *a: {"bypass": -10.0 * next(steps), "induce": -1.0, "kl": 0.0})
+    monkeypatch.setattr(rco, "bypass_scores", lambda S, dirs, ids, args: seen.append(dirs) or [next(values)] * len(dirs))
+    return (*rco.select_basis(S, iterates, args), iterates, seen)
+
+
+def test_selection_falls_back_to_the_lowest_sample_bypass(monkeypatch):
+    chosen, scored, iterates, seen = select_with(monkeypatch, [math.nan, 0.5, -0.3, 0.1])
+    assert [s["step"] for s in scored] == [1, 2, 3, 4] and not any(s["passes"] for s in scored)
+    assert chosen["step"] == 3 and chosen["sample_bypass"] == pytest.approx(-0.3)  # not step 4 (lowest basis bypass)
+    coeffs = [dirs @ B.T for dirs, B in zip(seen, iterates[1:])]  # each candidate's own cone, the same samples
+    assert len(coeffs) == 4 and coeffs[0].shape == (3, 2) and (coeffs[0] >= 0).all()
+    for c in coeffs[1:]:
+        torch.testing.assert_close(c, coeffs[0], atol=1e-5, rtol=0)
+
+
+def test_selection_refuses_when_every_iterate_scored_nan(monkeypatch):
+    with pytest.raises(C.RefusalError, match="every iterate scored NaN"):
+        select_with(monkeypatch, [math.nan] * 4)
 
 
 # ----------------------------------------------------------------------------- the script
@@ -146,6 +217,25 @@ def test_init_with_several_directions_keeps_their_signs(setup):
     same = C.save_result(str(tmp / "same"), "x", {"directions": torch.stack([v[0], 2 * v[0]])}, {})
     with pytest.raises(C.RefusalError, match="linearly dependent"):
         rco.main(base + ["--min-dim", "2", "--max-dim", "2", "--init", same, "--out", str(tmp / "b")])
+
+
+def test_init_with_more_directions_than_min_dim_is_refused(setup):
+    base, tmp = setup
+    d = C.load_result(str(tmp / "dim" / "dim.safetensors"))[0]["direction"].numel()
+    two = C.save_result(str(tmp / "two"), "x", {"directions": torch.randn(2, d)}, {})
+    with pytest.raises(C.RefusalError, match="--init holds 2 directions, more than --min-dim 1"):
+        rco.main(base + ["--min-dim", "1", "--max-dim", "2", "--init", two, "--out", str(tmp / "x")])
+
+
+@pytest.mark.parametrize("flag, value, key", [("--select-samples", "3", "select_samples"),
+                                              ("--select-last", "1", "select_last"), ("--max-dim", "2", "max_dim")])
+def test_resume_refuses_other_cone_settings(setup, flag, value, key):
+    base, tmp = setup
+    args = base + ["--min-dim", "1", "--max-dim", "1", "--lr", "0.05", "--out", str(tmp / "part")]
+    with interrupted_at_call(rdo, "plateau_step", 2):  # k = 1, second step: the first one is checkpointed
+        rco.main(args)
+    with pytest.raises(C.RefusalError, match=rf"other settings \({key}: "):
+        rco.main(args + ["--resume", flag, value])
 
 
 def test_resume_across_cone_dimensions(setup):

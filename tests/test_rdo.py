@@ -356,3 +356,98 @@ def test_init_errors(setup):
     two = C.save_result(str(tmp / "two"), "x", {"directions": torch.randn(2, d)}, {})
     with pytest.raises(C.RefusalError, match="holds 2 directions"):
         rdo.main(base + ["--out", str(tmp / "b"), "--init", two, "--max-steps", "1"])
+
+
+def test_targets_are_generated_under_the_right_interventions(setup, monkeypatch):
+    """t_answer with DIM ablated, t_refusal with alpha_DIM * r_hat_DIM added at the DIM layer (cut after its first
+    sentence), t_retain with no intervention; every budget and the layer are part of the cache key."""
+    base, tmp, _ = setup
+    model, tok = make_model("llama")
+    v = torch.randn(C.hidden_size(model))
+    active, seen = [], []
+
+    def intervention(name):
+        def ctx(model, vec, *rest):
+            import contextlib
+
+            @contextlib.contextmanager
+            def cm():
+                active.append((name, vec, *rest))
+                yield
+                active.pop()
+            return cm()
+        return ctx
+    monkeypatch.setattr(C, "directional_ablation", intervention("ablate"))
+    monkeypatch.setattr(C, "activation_addition", intervention("add"))
+    sentence = tok("I can't. More text", add_special_tokens=False)["input_ids"]
+    monkeypatch.setattr(C, "generate_ids", lambda model, tok, prompts, n, *a, **k: seen.append(
+        (list(active), prompts, n)) or [list(sentence) for _ in prompts])
+    args = rdo.parse_args(base)
+    t = rdo.get_targets(model, tok, HARMFUL[:2], HARMLESS[:2], v, 3, args)
+    (abl, p1, n1), (add, p2, n2), (ret, p3, n3) = seen
+    assert abl[0][0] == "ablate" and torch.equal(abl[0][1], v) and p1 == HARMFUL[:2] and n1 == args.answer_tokens
+    assert add[0][0] == "add" and torch.equal(add[0][1], v) and add[0][2] == 3 and p2 == HARMLESS[:2]
+    assert ret == [] and p3 == HARMLESS[:2] and n3 == args.retain_tokens and n2 == args.refusal_tokens
+    assert [tok.decode(x) for x in t["refusal"]] == ["I can't."] * 2 and t["answer"][0] == sentence
+    for other in (["--answer-tokens", "5"], ["--retain-tokens", "5"], ["--refusal-tokens", "5"]):
+        rdo.get_targets(model, tok, HARMFUL[:2], HARMLESS[:2], v, 3, rdo.parse_args(base + other))
+    rdo.get_targets(model, tok, HARMFUL[:2], HARMLESS[:2], v, 2, args)  # another layer
+    assert len(seen) == 15 and len(os.listdir(args.cache)) == 5
+
+
+@pytest.mark.parametrize("other, named", [(["--lr", "0.001"], "lr"), (["--seed", "1"], "seed"),
+                                          (["--lambda-ret", "2"], "lambda_ret"), (["--lambda-add", "1"], "lambda_add"),
+                                          (["--n-train", "12"], "n_train"), (["--epochs", "2"], "epochs")])
+def test_resume_refuses_a_checkpoint_of_other_settings(setup, other, named):
+    base, tmp, _ = setup
+    with interrupted_at_call(rdo, "plateau_step", 2):
+        rdo.main(base + ["--out", str(tmp / "c")])
+    with pytest.raises(C.RefusalError, match=f"other settings \\(.*{named}: "):
+        rdo.main(base + ["--out", str(tmp / "c"), "--resume"] + other)
+
+
+def test_resume_and_data_errors(setup, tmp_path):
+    base, tmp, _ = setup
+    with pytest.raises(C.RefusalError, match="--resume: no checkpoint at"):
+        rdo.main(base + ["--out", str(tmp / "none"), "--resume"])
+    with pytest.raises(C.RefusalError, match="fewer than one effective batch"):
+        rdo.main(base + ["--out", str(tmp / "few"), "--effective-batch", "32"])
+    i = base.index("--dim")
+    nolayer = C.save_result(str(tmp_path / "nolayer"), "dim", {"direction": torch.randn(32)}, {})
+    with pytest.raises(C.RefusalError, match="has no layer in its sidecar"):
+        rdo.main(base[:i] + base[i + 2:] + ["--dim", nolayer, "--out", str(tmp / "nl")])
+
+
+def test_no_dim_candidate_is_a_clear_error(setup, monkeypatch):
+    base, tmp, _ = setup
+    i = base.index("--dim")
+    monkeypatch.setattr(rdo.dim, "compute_dim", lambda *a: (None, {}))
+    with pytest.raises(C.RefusalError, match="no DIM candidate passed the filters"):
+        rdo.main(base[:i] + base[i + 2:] + ["--out", str(tmp / "x")])
+
+
+def test_selection_looks_at_the_last_iterates_only(monkeypatch):
+    model, tok = make_model("llama")
+    args = rdo.parse_args(["--model", "x", "--select-last", "2"])
+    bypass = [-9.0, -1.0, -2.0, -3.0, -1.5]  # step 0 is the best overall, but not among the last two
+    monkeypatch.setattr(rdo.dim, "score_direction", lambda model, tok, v, *a: {
+        "bypass": bypass[int(v[0].item())], "induce": 1.0, "kl": 0.0})
+    chosen, scored = rdo.select_iterate(model, tok, [torch.full((32,), float(i)) for i in range(5)], 1.0, 1,
+                                        HARMFUL[:2], HARMLESS[:2], args)
+    assert [s["step"] for s in scored] == [3, 4] and chosen["step"] == 3
+    monkeypatch.setattr(rdo.dim, "score_direction", lambda *a: {"bypass": math.nan, "induce": math.nan, "kl": math.nan})
+    with pytest.raises(C.RefusalError, match="every iterate scored NaN"):
+        rdo.select_iterate(model, tok, [torch.zeros(32)] * 3, 1.0, 1, HARMFUL[:2], HARMLESS[:2], args)
+
+
+def test_record_step_drops_the_lr_then_stops():
+    r = torch.zeros(4, requires_grad=True)
+    args = rdo.parse_args(["--model", "x", "--patience", "2", "--lr-drops", "1"])
+    opt, state = rdo.make_optimizer(r, args), rdo.new_state()
+    for loss in (1.0, 2.0, 2.0):  # a best, then two steps without a new one: lr / 10
+        rdo.record_step(opt, state, {"loss": loss}, r, args)
+    assert [h["lr"] for h in state["history"]] == pytest.approx([0.01, 0.01, 0.001])
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.001) and not state["done"]
+    for loss in (2.0, 2.0):  # the next plateau, after the last allowed drop: stop
+        rdo.record_step(opt, state, {"loss": loss}, r, args)
+    assert state["done"] and state["step"] == 5 and len(state["iterates"]) == 5

@@ -70,23 +70,77 @@ def test_early_exit_captures_block_inputs_and_skips_later_blocks():
     assert repind.n_loss_layers(model, 0.9) == 3 and repind.n_loss_layers(model, 1.0) == 4
 
 
-def test_zero_for_a_direction_no_layer_writes_or_reads():
-    """Coordinate k stays 0 in the residual stream: nothing writes it (embeddings, attention and MLP outputs) and
-    so nothing can read it. Ablating e_k then changes no activation, and cos(x, e_k) = 0 everywhere."""
+def untouched_coordinate_model(k=5):
+    """A tiny Llama whose residual-stream coordinate k stays 0 (nothing writes it, so nothing can read it), and e_k."""
     model, tok = make_model("llama")
-    k = 5
     model.model.embed_tokens.weight[:, k] = 0
     for block in C.decoder_layers(model):
         block.self_attn.o_proj.weight[k] = 0
         block.mlp.down_proj.weight[k] = 0
-    d = C.hidden_size(model)
-    e_k = torch.zeros(d)
+    e_k = torch.zeros(C.hidden_size(model))
     e_k[k] = 1
+    return model, tok, k, e_k
+
+
+def test_zero_for_a_direction_no_layer_writes_or_reads():
+    """Coordinate k stays 0 in the residual stream: nothing writes it (embeddings, attention and MLP outputs) and
+    so nothing can read it. Ablating e_k then changes no activation, and cos(x, e_k) = 0 everywhere."""
+    model, tok, k, e_k = untouched_coordinate_model()
+    d = C.hidden_size(model)
     torch.manual_seed(0)
     others = torch.randn(2, d)
     others[:, k] = 0  # else ablating v itself writes -(x.v) v_k into coordinate k
     assert loss(model, tok, e_k.clone().requires_grad_(True), others, HARMFUL[:3], 3) < 1e-10
     assert loss(model, tok, torch.randn(d).requires_grad_(True), others, HARMFUL[:3], 3) > 1e-4  # not zero by accident
+
+
+def test_loss_reads_the_cache_rows_of_its_prompts():
+    """In training the cache holds the whole training set and `ids` are a batch's shuffled indices into it (the
+    helper above always passes 0..n-1): prompts 4, 1, 3 read from a cache of six give their own loss and gradient."""
+    model, tok = make_model("llama")
+    torch.manual_seed(4)
+    d = C.hidden_size(model)
+    others = torch.randn(2, d)
+    acts = (repind.cache_inputs(model, tok, HARMFUL[:6], 3, 4),
+            torch.stack([repind.cache_inputs(model, tok, HARMFUL[:6], 3, 4, v) for v in others]))
+    ids = [4, 1, 3]
+    prompts = [HARMFUL[i] for i in ids]
+    r1 = torch.randn(d).requires_grad_(True)
+    r2 = r1.detach().clone().requires_grad_(True)
+    got = repind.repind_loss_and_grad(model, tok, r1, prompts, ids, acts, others, 3, 1.0, 2)
+    assert got == pytest.approx(loss(model, tok, r2, others, prompts, 3), rel=1e-5)
+    torch.testing.assert_close(r1.grad, r2.grad)
+
+
+def test_topk_bypass_ablates_the_first_k_directions_together():
+    model, tok = make_model("llama")
+    torch.manual_seed(5)
+    dirs = torch.randn(3, C.hidden_size(model))
+    got = repind.topk_bypass(model, tok, dirs, HARMFUL[:3], 2)
+    ids = C.refusal_token_ids(tok)
+    for k in range(1, 4):  # one prompt at a time, full forward passes
+        with C.directional_ablation(model, dirs[:k]):
+            logits = torch.stack([model(**C.tokenize(tok, [p])).logits[0, -1] for p in HARMFUL[:3]])
+        assert got[k - 1] == pytest.approx(C.refusal_scores(logits, ids).mean().item(), abs=1e-5)
+
+
+def test_figure6_curves_for_an_untouched_direction_and_for_dim_itself():
+    """u = e_k, which no layer writes or reads: ablating it leaves DIM's cosines as they were, and cos(x, e_k) is 0
+    with or without DIM ablated (DIM has no k-th component). u = DIM: ablated at every block input, cos(x, DIM) is 0."""
+    model, tok, k, e_k = untouched_coordinate_model()
+    torch.manual_seed(6)
+    dim_vec = 4 * torch.randn(C.hidden_size(model))
+    dim_vec[k] = 0  # else ablating DIM writes into coordinate k
+    curves = repind.figure6(model, tok, HARMFUL[:3], dim_vec, {"null": e_k, "self": dim_vec}, 3, 2)
+    null, self_ = ({n: torch.tensor(v) for n, v in curves[name].items()} for name in ("null", "self"))
+    assert null["cos_dim_clean"].abs().min() > 1e-3  # a real curve, not zeros
+    torch.testing.assert_close(null["cos_dim_u_ablated"], null["cos_dim_clean"])
+    assert null["cos_u_clean"].abs().max() < 1e-6 and null["cos_u_dim_ablated"].abs().max() < 1e-6
+    assert null["mean_abs_change_u_when_dim_ablated"] < 1e-6 and null["mean_abs_change_dim_when_u_ablated"] < 1e-6
+    torch.testing.assert_close(self_["cos_u_clean"], null["cos_dim_clean"])
+    assert self_["cos_u_dim_ablated"].abs().max() < 1e-6 and self_["cos_dim_u_ablated"].abs().max() < 1e-6
+    # the mean change covers the loss layers 0..2 only
+    assert self_["mean_abs_change_dim_when_u_ablated"] == pytest.approx(null["cos_dim_clean"][:3].abs().mean().item(), rel=1e-5)
 
 
 def test_gradients_reach_only_the_new_direction():
@@ -138,6 +192,37 @@ def test_iteration_keeps_earlier_directions_fixed(setup, monkeypatch):
     assert set(meta["figure6"]) == {"repind1", "repind2", "compare"} and len(meta["topk_bypass"]) == 2
     assert len(meta["figure6"]["repind1"]["cos_dim_u_ablated"]) == 4
     assert not os.path.exists(tmp / "run" / "repind_checkpoint.pt")
+
+
+def test_training_hands_the_loss_its_weight_and_its_batch_activations(setup, monkeypatch):
+    """What train_candidate passes to the RepInd loss: --lambda-ind as the weight, and for the batch's ids the
+    cached block inputs of exactly those prompts, clean and with each v (DIM, then the kept direction 1) ablated."""
+    base, tmp, _, _ = setup
+    real, seen = repind.repind_loss_and_grad, []
+
+    def spy(model, tok, r, prompts, ids, acts, others, n_layers, weight, micro_batch):
+        seen.append((model, tok, prompts, acts[0][ids].clone(), acts[1][:, ids].clone(), others.clone(), n_layers, weight))
+        return real(model, tok, r, prompts, ids, acts, others, n_layers, weight, micro_batch)
+
+    monkeypatch.setattr(repind, "repind_loss_and_grad", spy)
+    repind.main(base + ["--out", str(tmp / "run"), "--candidates", "1", "--max-steps", "1", "--lambda-ind", "7"])
+    assert [len(s[5]) for s in seen] == [1, 2]  # one step for each direction
+    for model, tok, prompts, clean, by_v, others, n_layers, weight in seen:
+        assert weight == 7.0 and n_layers == 3
+        torch.testing.assert_close(clean, repind.cache_inputs(model, tok, prompts, n_layers, 8))
+        for v, got in zip(others, by_v):
+            torch.testing.assert_close(got, repind.cache_inputs(model, tok, prompts, n_layers, 8, v))
+
+
+@pytest.mark.parametrize("flag, value, key", [("--lambda-ind", "100", "lambda_ind"),
+                                              ("--layer-cutoff", "0.5", "layer_cutoff"),
+                                              ("--candidates", "3", "candidates")])
+def test_resume_refuses_other_repind_settings(setup, flag, value, key):
+    base, tmp, _, _ = setup
+    with interrupted_at_call(repind.rdo, "plateau_step", 2):  # a checkpoint after the first step
+        repind.main(base + ["--out", str(tmp / "c")])
+    with pytest.raises(C.RefusalError, match=f"other settings \\(.*{key}: "):
+        repind.main(base + ["--out", str(tmp / "c"), "--resume", flag, value])
 
 
 def test_resume_reaches_the_same_directions(setup):
