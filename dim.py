@@ -5,7 +5,7 @@ The paper's Section 2 baseline, and the starting point of RDO (its alpha, layer 
      position i and every layer l:  v_i^(l) = mean_harm x_i^(l) - mean_safe x_i^(l)
   2. score each candidate v_i^(l) on validation prompts:
        bypass  mean refusal score of harmful prompts with v ablated everywhere      (lower = better)
-       induce  mean refusal score of harmless prompts with v added at layer l       (must be > 0)
+       induce  mean refusal score of harmless prompts with v added at layer l       (must be >= 0)
        kl      KL(P_base || P_ablated) at the last position of harmless prompts     (must be <= 0.1)
   3. discard candidates in the last 20% of layers, with KL > 0.1, induce < 0 or NaN; pick the lowest bypass.
 

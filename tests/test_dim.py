@@ -1,12 +1,12 @@
 """dim.py: the means, the selection rules, and the script end to end on a tiny model folder."""
-import json
+import json, math
 
 import pytest
 import torch
 
 import common as C
 import dim
-from conftest import HARMFUL, make_model, make_tokenizer
+from conftest import HARMFUL, HARMLESS, make_model, make_tokenizer
 
 
 @pytest.mark.parametrize("family", ["qwen2", "gemma2"])
@@ -118,6 +118,9 @@ def test_script_end_to_end(args_for, tmp_path, monkeypatch, capsys):
     assert torch.equal(tensors["direction"], tensors["candidates"][i, l])
     assert meta["alpha"] == pytest.approx(tensors["direction"].norm().item())
     assert len(meta["candidates_table"]) == 4 * n_layers
+    # scored: not layer 0 (the same post-instruction embeddings in every prompt: no difference), not the pruned
+    # last 20% (layer 3 of 4), which the filters would discard anyway
+    assert {r["layer"] for r in meta["candidates_table"] if not math.isnan(r["bypass"])} == {1, 2}
     assert meta["args"]["seed"] == 0 and "torch" in meta["versions"]
     assert "wrote" in capsys.readouterr().out
     with pytest.raises(C.RefusalError, match="already holds a dim result"):
@@ -188,3 +191,77 @@ def test_filter_prompts_keeps_refused_harmful_and_answered_harmless(monkeypatch)
     monkeypatch.setattr(C, "last_logits", lambda model, tok, prompts, bs: logits)
     assert dim.filter_prompts(None, None, HARMFUL[:4], [5], True, 2) == [HARMFUL[0], HARMFUL[2]]
     assert dim.filter_prompts(None, None, HARMFUL[:4], [5], False, 2) == [HARMFUL[1], HARMFUL[3]]
+
+
+# ----------------------------------------------------------------------------- the scores and the fallbacks
+
+def test_score_direction_equals_a_per_prompt_hand_computation():
+    """bypass on the harmful prompts ablated, induce on the harmless ones with v added at `layer`, KL(base || ablated)
+    on the harmless ones: each by hand, one unpadded prompt at a time (uneven val sets: a mixed-up split shows)."""
+    model, tok = make_model("llama")
+    harm, safe, layer, ids = HARMFUL[:3], HARMLESS[:2], 2, list(range(8, 40))
+    # a direction the residual stream really uses, so that ablating it moves the output (KL ~ 0.008)
+    v = model(**C.tokenize(tok, [HARMFUL[0]]), output_hidden_states=True).hidden_states[layer][0, -1]
+    last = lambda p: model(**C.tokenize(tok, [p])).logits[0, -1].double().log_softmax(-1)
+    score = lambda logp: (logp[ids].logsumexp(0) - torch.log1p(-logp[ids].logsumexp(0).exp())).item()
+    base = [last(p) for p in safe]
+    with C.directional_ablation(model, v):
+        abl_harm, abl_safe = [last(p) for p in harm], [last(p) for p in safe]
+    with C.activation_addition(model, v, layer):
+        add = [last(p) for p in safe]
+    got = dim.score_direction(model, tok, v, layer, harm, safe, C.last_logits(model, tok, safe, 4), ids, batch_size=2)
+    assert got["bypass"] == pytest.approx(sum(map(score, abl_harm)) / 3, abs=1e-5)
+    assert got["induce"] == pytest.approx(sum(map(score, add)) / 2, abs=1e-5)
+    kl = sum((p.exp() * (p - q)).sum().item() for p, q in zip(base, abl_safe)) / 2
+    assert got["kl"] == pytest.approx(kl, rel=1e-4)  # KL(ablated || base) differs by 2e-3 relative here
+
+
+def test_near_miss_prefers_the_kl_bound_then_a_single_failed_rule():
+    bypass = {"a": -9.0, "b": -5.0, "c": -1.0, "d": -20.0}
+    reasons = {"a": ["kl>0.1", "induce<0.0"], "b": ["kl>0.1"], "c": ["induce<0.0"], "d": ["nan/not scored"]}
+    pick = lambda items: dim.near_miss(items, bypass.get, reasons.get)
+    assert pick("abcd") == "c"  # within the KL bound, though a and b bypass better; never the unscored d
+    assert pick("abd") == "b"  # fails one rule only
+    assert pick("ad") == "a" and pick("d") is None
+
+
+def test_best_per_criterion_takes_the_highest_induce_and_lowest_kl():
+    s = crafted()
+    s["induce"][1, 4], s["kl"][0, 6] = 3.0, 0.001
+    best = dim.best_per_criterion(s, dim.select_direction(s, 10)[1])
+    assert (best["induce"]["position_index"], best["induce"]["layer"]) == (1, 4)
+    assert (best["kl"]["position_index"], best["kl"]["layer"]) == (0, 6)
+
+
+def test_compute_dim_filters_prompts_and_takes_the_means_of_what_is_kept(monkeypatch):
+    """--filter-prompts: a stand-in filter that 'refuses' exactly the HARMFUL prompts, on splits that mix both kinds.
+    The candidates are mean(kept harmful) - mean(kept harmless); a split left empty is an error, not a crash."""
+    model, tok = make_model("llama")
+    seen = []
+
+    def fake_filter(model, tok, prompts, refusal_ids, harmful, batch_size):
+        seen.append(harmful)
+        return [p for p in prompts if (p in HARMFUL) == harmful]
+
+    monkeypatch.setattr(dim, "filter_prompts", fake_filter)
+    args = dim.parse_args(["--model", "m", "--filter-prompts", "--layer", "2", "--batch-size", "4"])
+    data = (HARMFUL[:3] + HARMLESS[6:], HARMFUL[3:5] + HARMLESS[5:6],  # each split holds prompts to drop
+            HARMLESS[:2] + HARMFUL[7:], HARMLESS[2:5] + HARMFUL[5:7])
+    _, info = dim.compute_dim(model, tok, args, data, log=lambda *a: None)
+    assert sorted(seen) == [False, False, True, True]
+    assert info["data"] == {"harmful_train": 3, "harmful_val": 2, "harmless_train": 2, "harmless_val": 3}
+    n_post = info["n_post"]
+    want = dim.mean_activations(model, tok, HARMFUL[:3], n_post, 4) - dim.mean_activations(model, tok, HARMLESS[:2], n_post, 4)
+    torch.testing.assert_close(info["candidates"], want.float())
+    base = C.refusal_scores(C.last_logits(model, tok, HARMFUL[3:5]), info["refusal_token_ids"]).mean().item()
+    assert info["baseline_refusal_score_harmful_val"] == pytest.approx(base)
+    data = (HARMFUL[:3], HARMFUL[3:5], HARMLESS[:2], HARMFUL[5:7])  # no harmless val prompt survives
+    with pytest.raises(C.RefusalError, match="left no prompts in a split"):
+        dim.compute_dim(model, tok, args, data, log=lambda *a: None)
+
+
+def test_filters_discard_beyond_the_thresholds_only():
+    # the spec's rules are strict: KL > 0.1 and induce < 0 go; a candidate exactly at either bound stays
+    assert dim.discard_reasons({"bypass": 0.0, "induce": 0.0, "kl": 0.1}) == []
+    assert dim.discard_reasons({"bypass": 0.0, "induce": -1e-9, "kl": 0.1 + 1e-9}) == ["kl>0.1", "induce<0.0"]
+    assert dim.discard_reasons({"bypass": 0.0, "induce": 0.5, "kl": 0.3}, kl_threshold=0.5, induce_threshold=0.5) == []

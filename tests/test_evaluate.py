@@ -263,3 +263,166 @@ def test_judge_reads_yes_against_no_at_the_last_position(tiny_dir, monkeypatch):
     for p, t, g in zip(prompts, texts, got):
         logits = jmodel(**jtok(E.JUDGE_PROMPT.format(behavior=p, generation=t), return_tensors="pt")).logits[0, -1]
         assert g == bool(logits[yes] > logits[no])
+
+
+def logit_generate(model, tok, prompts, *args):
+    """A stand-in for C.generate whose 'completion' of each prompt is the intervened model's first last-position
+    logits, printed: any difference in the intervention (direction, span, sign, layer) shows up in the text."""
+    return [" ".join(f"{x:.6f}" for x in C.last_logits(model, tok, [p])[0, :8].tolist()) for p in prompts]
+
+
+def assert_same_logits(got, want):
+    for g, w in zip(got, want, strict=True):
+        assert [float(x) for x in g.split()] == pytest.approx([float(x) for x in w.split()], abs=1e-5)
+
+
+def direction(f, key):
+    return C.load_result(f[key])[0]["direction"].float()
+
+
+def test_asr_subtracts_alpha_times_the_unit_direction_at_its_layer(files, monkeypatch):
+    """Subtraction adds -alpha r_hat at the direction's layer: alpha and layer from the sidecar (alpha = |r| where
+    the sidecar has none), or from --alpha / --layer; the judge scores every intervention."""
+    added, real = [], C.activation_addition
+    monkeypatch.setattr(C, "activation_addition", lambda m, v, layer: added.append((v.clone(), layer)) or real(m, v, layer))
+    monkeypatch.setattr(C, "generate", lambda model, tok, prompts, *a: ["Sure"] * len(prompts))
+    monkeypatch.setattr(E, "load_judge", lambda *a: lambda prompts, texts: [t == "Sure" for t in texts])
+    res = run(files, "asr", "--judge", "fake", dirs=("dim", "rdo", "first"))["results"]
+    vecs = [direction(files, k) for k in ("dim", "rdo", "first")]
+    for (v, layer), r, alpha, want_layer in zip(added, vecs, (3.0, 2.0, vecs[2].norm()), (1, 2, 1), strict=True):
+        assert layer == want_layer and torch.allclose(v, -alpha * r / r.norm(), atol=1e-5)
+    assert len(res) == 7 and all(r["asr_judge"] == 1.0 for r in res.values())
+    added.clear()
+    run(files, "asr", "--alpha", "5", "--layer", "3", "--overwrite", dirs=("dim",))
+    assert added[0][1] == 3 and torch.allclose(added[0][0], -5 * vecs[0] / vecs[0].norm(), atol=1e-5)
+
+
+def test_induce_scores_match_a_hand_computation(files, tmp_path):
+    """alpha r_hat added at the layer (alpha: the sidecar's 3.0 without --alphas, not |r|): each set's mean refusal
+    score log p_ref - log(1 - p_ref), the harmless completions, and the harmful and benign sets kept apart."""
+    (tmp_path / "b.json").write_text(json.dumps(HARMLESS[4:]))
+    res = run(files, "induce", "--benign", str(tmp_path / "b.json"), dirs=("dim",))["results"]["dim"]
+    assert [r["alpha"] for r in res] == [3.0]
+    model, tok = C.load_model(files["model"], device="cpu", dtype="float32")
+    r, ids = direction(files, "dim"), C.refusal_token_ids(tok)
+    with C.activation_addition(model, 3.0 * r / r.norm(), 1):
+        for key, prompts in (("refusal_score", HARMLESS[:4]), ("harmful_refusal_score", HARMFUL[:4]),
+                             ("benign_refusal_score", HARMLESS[4:])):
+            p = C.last_logits(model, tok, prompts).double().softmax(-1)[:, ids].sum(-1)
+            assert res[0][key] == pytest.approx((p.log() - (1 - p).log()).mean().item(), abs=1e-6)
+        assert res[0]["completions"] == C.generate(model, tok, HARMLESS[:4], 3)
+
+
+def test_kl_and_answer_ce_match_a_hand_computation(files):
+    """KL(P_base || P_ablated) at the last position (not the reverse), and the CE of the clean model's own greedy
+    answers scored under ablation, prompt by prompt in the prompts' order."""
+    res = run(files, "kl", dirs=("dim",))["results"]
+    model, tok = C.load_model(files["model"], device="cpu", dtype="float32")
+    r, answers = direction(files, "dim"), C.generate_ids(model, tok, HARMLESS[:4], 3)
+    base = C.last_logits(model, tok, HARMLESS[:4]).double().log_softmax(-1)
+    with C.directional_ablation(model, r):
+        ablated = C.last_logits(model, tok, HARMLESS[:4]).double().log_softmax(-1)
+    assert res["dim"]["kl"] == pytest.approx((base.exp() * (base - ablated)).sum(-1).mean().item(), rel=1e-6)
+    assert res["baseline"]["ce_per_prompt"] == pytest.approx(E.answer_ce(model, tok, HARMLESS[:4], answers), abs=1e-6)
+    want = E.answer_ce(model, tok, HARMLESS[:4], answers, C.directional_ablation(model, r))
+    assert res["dim"]["ce_per_prompt"] == pytest.approx(want, abs=1e-6)
+
+
+def test_kl_skips_empty_answers_and_refuses_when_all_are(files, monkeypatch):
+    real = C.generate_ids
+    monkeypatch.setattr(C, "generate_ids", lambda *a: [[] if i == 1 else x for i, x in enumerate(real(*a))])
+    res = run(files, "kl", dirs=("dim",))["results"]
+    assert len(res["dim"]["ce_per_prompt"]) == 3 and all(0 < ce < 100 for ce in res["dim"]["ce_per_prompt"])
+    monkeypatch.setattr(C, "generate_ids", lambda model, tok, prompts, *a: [[] for _ in prompts])
+    with pytest.raises(C.RefusalError, match="every greedy answer is empty"):
+        run(files, "kl", "--overwrite", dirs=("dim",))
+
+
+def test_cone_samples_are_uniform_on_the_arc():
+    """k = 2, orthonormal basis: uniform on the quarter circle is a uniform angle; normalised convex combinations
+    would crowd towards the middle (a Kolmogorov-Smirnov distance of about 0.045)."""
+    _, r = E.cone_samples(torch.eye(2), 20000, seed=0)
+    angle = (torch.atan2(r[:, 1], r[:, 0]) / (torch.pi / 2)).sort().values
+    assert angle[0] >= 0 and angle[-1] <= 1
+    assert (angle - torch.arange(1, 20001) / 20000).abs().max() < 0.015
+
+
+def test_cone_ablates_each_sample_and_each_try_of_a_single_direction(files, monkeypatch):
+    """Cone sample i is ablated alone (not the whole cone); try i of a single direction samples under its ablation
+    at the given temperature with seed + i (best-of-N needs different, reproducible tries)."""
+    monkeypatch.setattr(C, "generate", logit_generate)
+    fake_sample = lambda model, tok, prompts, t, seed, *a: [f"{t} {seed} {x}" for x in logit_generate(model, tok, prompts)]
+    monkeypatch.setattr(E, "sample", fake_sample)
+    res = run(files, "cone", "--n-samples", "2", "--temperatures", "0.5", "--seed", "7", dirs=("rco", "rdo"))["results"]
+    model, tok = C.load_model(files["model"], device="cpu", dtype="float32")
+    _, samples = E.cone_samples(C.load_result(files["rco"])[0]["basis"].float(), 2, seed=7)
+    for i in range(2):
+        with C.directional_ablation(model, samples[i]):
+            assert_same_logits(res["rco"]["runs"][i]["completions"], logit_generate(model, tok, HARMFUL[:4]))
+        with C.directional_ablation(model, direction(files, "rdo")):
+            assert_same_logits(res["rdo T=0.5"]["runs"][i]["completions"], fake_sample(model, tok, HARMFUL[:4], 0.5, 7 + i))
+
+
+def test_sample_is_reproducible_by_seed_and_greedy_at_a_low_temperature():
+    model, tok = make_model("llama")
+    draw = lambda t, seed: E.sample(model, tok, HARMFUL[:4], t, seed, 4, 4)
+    assert draw(1.0, 0) == draw(1.0, 0) and draw(1.0, 0) != draw(1.0, 1)
+    assert draw(1e-4, 3) == C.generate(model, tok, HARMFUL[:4], 4, 4)  # the temperature reaches generate
+
+
+def test_compose_top_k_ablates_the_span_of_the_first_k(files, monkeypatch):
+    monkeypatch.setattr(C, "generate", logit_generate)
+    res = run(files, "compose", dirs=("repind",))["results"]
+    model, tok = C.load_model(files["model"], device="cpu", dtype="float32")
+    for k in (1, 2, 3):
+        with C.directional_ablation(model, files["repind_vecs"][:k]):
+            assert_same_logits(res[f"repind top-{k}"]["completions"], logit_generate(model, tok, HARMFUL[:4]))
+
+
+def test_orthogonalise_removes_the_directions_from_the_biases_too():
+    """Llama with attention and MLP biases: o_proj's and down_proj's biases write to the residual stream as well."""
+    from transformers import AutoModelForCausalLM
+    tok, g = make_tokenizer(), torch.Generator().manual_seed(0)
+    cfg = make_config("llama", len(tok))
+    cfg.attention_bias = cfg.mlp_bias = True
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval().requires_grad_(False)
+    for n, p in model.named_parameters():
+        if n.endswith("bias"):
+            p.normal_(0, 1, generator=g)
+    vecs, batch = torch.randn(2, 32, generator=g), C.tokenize(tok, HARMLESS[:4])
+    with C.directional_ablation(model, vecs):
+        want = C.forward(model, batch).logits
+    E.orthogonalise(model, vecs)
+    torch.testing.assert_close(C.forward(model, batch).logits, want, atol=1e-4, rtol=1e-4)
+
+
+def test_export_writes_dir_model_and_will_not_overwrite_a_model(files, tmp_path):
+    res = run(files, "export", "--n-check", "2", dirs=("dim",))
+    assert res["folder"] == os.path.join(files["out"], "model") and res["n_check"] == 2
+    assert os.path.isfile(os.path.join(res["folder"], "config.json"))
+    files["out"] = str(tmp_path / "out2")  # a new result file, the same export folder
+    with pytest.raises(C.RefusalError, match="already holds a model"):
+        run(files, "export", "--export-dir", res["folder"], dirs=("dim",))
+    assert run(files, "export", "--export-dir", res["folder"], "--overwrite", dirs=("dim",))["folder"] == res["folder"]
+
+
+def test_each_mode_loads_its_set_and_val_files_replace_the_sets(files, tmp_path):
+    (tmp_path / "hv.json").write_text(json.dumps(HARMFUL[4:]))
+    (tmp_path / "sv.json").write_text(json.dumps(HARMLESS[4:]))
+    want = {"harmful": HARMFUL[4:7], "harmless": HARMLESS[4:7]}
+    for mode in E.MODES:
+        args = E.parse_args([mode, "--model", "m", "--direction", "d", "--harmful", files["h"], "--harmless", files["s"],
+                             "--harmful-val", str(tmp_path / "hv.json"), "--harmless-val", str(tmp_path / "sv.json"),
+                             "--n-val", "3"])
+        need = "harmless" if mode in ("induce", "kl", "export") else "harmful"
+        assert E.load_data(args) == {need: want[need]}, mode
+
+
+def test_judge_sees_each_prompt_with_its_own_completion(tiny_dir, monkeypatch):
+    """Batched: the i-th judged text is behaviour i with generation i, in later batches too."""
+    seen, real = [], C.forward
+    monkeypatch.setattr(C, "forward", lambda model, enc, **k: seen.extend(enc["input_ids"].tolist()) or real(model, enc, **k))
+    E.load_judge(tiny_dir, "cpu", batch_size=2)(HARMFUL[:3], ["a", "b", "c"])
+    assert make_tokenizer().batch_decode(seen, skip_special_tokens=True) == [
+        E.JUDGE_PROMPT.format(behavior=p, generation=t) for p, t in zip(HARMFUL[:3], "abc")]
