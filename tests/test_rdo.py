@@ -1,5 +1,5 @@
 """rdo.py: the three losses by hand, the sphere geometry, the schedule, targets cache, RDO-perp, resume."""
-import json, math, os
+import contextlib, json, math, os
 
 import pytest
 import torch
@@ -366,16 +366,12 @@ def test_targets_are_generated_under_the_right_interventions(setup, monkeypatch)
     v = torch.randn(C.hidden_size(model))
     active, seen = [], []
 
-    def intervention(name):
+    def intervention(name):  # a stand-in hook context that records what it was asked to do while it is active
+        @contextlib.contextmanager
         def ctx(model, vec, *rest):
-            import contextlib
-
-            @contextlib.contextmanager
-            def cm():
-                active.append((name, vec, *rest))
-                yield
-                active.pop()
-            return cm()
+            active.append((name, vec, *rest))
+            yield
+            active.pop()
         return ctx
     monkeypatch.setattr(C, "directional_ablation", intervention("ablate"))
     monkeypatch.setattr(C, "activation_addition", intervention("add"))
