@@ -232,6 +232,15 @@ def test_pick_dtype():
         C.pick_dtype("int3")
 
 
+@pytest.mark.parametrize("amx, avx512_bf16, want", [(True, False, torch.bfloat16), (False, True, torch.bfloat16),
+                                                    (False, False, torch.float32)])
+def test_auto_dtype_on_cpu_is_bf16_only_where_the_cpu_has_bf16_matmuls(monkeypatch, amx, avx512_bf16, want):
+    """AMX tiles (Intel) and AVX512-BF16 (AMD Zen 4) make bf16 faster than fp32; elsewhere it is much slower."""
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
+    assert C.pick_dtype("auto", "cpu") is want
+
+
 def test_named_sets_follow_the_paper_recipe(monkeypatch):
     """SALAD-Bench: Multilingual and ToxicChat dropped, at most 256 per source, 128 held out; Alpaca: empty input
     only. The hub is replaced by a fake load_dataset (no network here)."""
