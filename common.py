@@ -640,7 +640,7 @@ def add_common_args(parser, method, n_train=128, n_val=32, batch_size=32):
     a("--model", required=True, help="hub id, local model folder, or .gguf file")
     a("--device", default="auto", help="cuda, cpu, cuda:1, or multi (spread layers over all GPUs) "
                                        "(default: auto = cuda if available)")
-    a("--dtype", default="auto", help="auto (bf16 on GPU and AMX CPUs, else fp32), bfloat16, float16, float32")
+    a("--dtype", default="auto", help="auto (bf16 on GPUs and on CPUs with AMX or AVX512-BF16, else fp32), bfloat16, float16, float32")
     a("--seed", type=int, default=0, help="seed for data shuffling and initialisation (default: 0)")
     a("--out", default=None, help=f"output folder (default: runs/<model-name>/{method})")
     a("--overwrite", action="store_true", help="replace an earlier result in --out")

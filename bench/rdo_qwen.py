@@ -43,6 +43,8 @@ p.add_argument("--max-grad-norm", type=float, default=None, help="rdo.py's flag"
 p.add_argument("--retain-tokens", type=int, default=None, help="rdo.py's flag: t_retain's length (the retain KL "
                "averages over it and the last template token; this bench's KL takes the last position alone)")
 p.add_argument("--kl-threshold", type=float, default=0.1, help="the selection's KL bound (rdo.py's flag)")
+p.add_argument("--induce-threshold", type=float, default=None, help="the selection's induce bound (rdo.py's flag; "
+               "default 0, which no iterate on this model reaches: see the README)")
 p.add_argument("--skip-train", action="store_true", help="evaluate an existing rdo.py result in --out")
 p.add_argument("--reselect", action="store_true", help="no training: choose again among the iterates saved by "
                "--out's run, with --kl-threshold, and evaluate that one (rdo.safetensors is left as it is)")
@@ -56,7 +58,7 @@ t0 = time.time()
 rdo_argv = ["--model", QWEN, "--dim", args.dim, *split_args(), "--n-train", str(args.n_train), "--n-val", "32",
             "--select-last", "20", "--seed", str(args.seed), "--out", args.out, "--overwrite"]
 for flag in ("lambda_ret", "lambda_add", "lr", "patience", "kl_threshold", "max_steps", "epochs", "layer", "init",
-             "max_grad_norm", "retain_tokens"):
+             "max_grad_norm", "retain_tokens", "induce_threshold"):
     if getattr(args, flag) is not None:
         rdo_argv += ["--" + flag.replace("_", "-"), str(getattr(args, flag))]
 rdo_argv += ["--amsgrad"] * args.amsgrad
@@ -80,11 +82,12 @@ if args.reselect:  # the same val prompts and scores as rdo.py's own selection, 
     chosen, scored = rdo.select_iterate(model, tok, [c[2] for c in candidates], rdo_meta["alpha"], rdo_meta["layer"],
                                         harm_val, safe_val, rargs)
     run, step, rdo_vec = candidates[chosen["step"]]
-    print(f"kl <= {args.kl_threshold}: chose candidate {chosen['step']} of {len(candidates)}, step {step} of {run} "
+    print(f"kl <= {args.kl_threshold}, induce >= {rargs.induce_threshold}: chose candidate {chosen['step']} of {len(candidates)}, step {step} of {run} "
           f"(rdo.py chose step {rdo_meta['chosen_step']} of {args.out})")
     rdo_meta = {**rdo_meta, "chosen_step": step, "chosen_scores": {**chosen, "step": step, "run": run}}
     pooled = f"_pool{len(args.pool) + 1}" if len(args.pool) > 1 else "_pool" * bool(args.pool)  # (_pool: two runs)
-    out_json = os.path.join(args.out, f"bench_rdo_qwen{pooled}_kl{args.kl_threshold:g}.json")
+    induce = "" if args.induce_threshold is None else f"_induce{args.induce_threshold:g}"
+    out_json = os.path.join(args.out, f"bench_rdo_qwen{pooled}_kl{args.kl_threshold:g}{induce}.json")
 dim_vec, dim_meta = C.load_direction(args.dim, model)
 alpha, layer = rdo_meta["alpha"], rdo_meta["layer"]
 harm, safe = held_out(args.n_eval)
