@@ -13,6 +13,8 @@ Needs bench/dim_qwen.py's result first (runs/bench/dim_qwen/selected/dim.safeten
       README's best: beats DIM at ablation (refusal and KL), not at addition
   python bench/rdo_qwen.py --out runs/bench/rdo_qwen --reselect --kl-threshold 0.02   # no training: choose
       again among that run's saved iterates with another KL bound (writes bench_rdo_qwen_kl0.02.json)
+  python bench/rdo_qwen.py --out runs/bench/rdo_qwen --reselect --induce-threshold -0.82   # keep only iterates that
+      induce at least as DIM does on the val prompts (its induce score: dim_qwen/dim.json's candidates_table)
   python bench/rdo_qwen.py --out runs/bench/A --reselect --pool runs/bench/B runs/bench/C   # one selection over
       several seeds' iterates (writes A/bench_rdo_qwen_pool_kl0.1.json; with more runs, _pool<n>_)
 """
