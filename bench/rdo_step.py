@@ -30,6 +30,11 @@ LAMBDAS = {"abl": 1.0, "add": 0.2, "ret": 1.0}
 LAYER = 14
 
 
+def ratio(a, b):
+    """'1.53x', or blank where a variant was not run."""
+    return "" if math.isnan(a / b) else f"{a / b:.2f}x"
+
+
 def rss_mb():
     return int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
@@ -185,8 +190,8 @@ def main():
         by = {r["variant"]: r for r in rows if r["dtype"] == dtype}
         ref, floor = by.get("reference", {}).get("seconds", math.nan), by.get("floor", {}).get("seconds", math.nan)
         for v, r in by.items():
-            print(f"{dtype:9s} {v:10s} {r['seconds']:8.3g} {ref / r['seconds']:6.2f}x "
-                  f"{r['seconds'] / floor:7.2f}x {r['peak_mb']:8.0f} {r['loss']:9.5f}")
+            print(f"{dtype:9s} {v:10s} {r['seconds']:8.3g} {ratio(ref, r['seconds']):>7s} "
+                  f"{ratio(r['seconds'], floor):>8s} {r['peak_mb']:8.0f} {r['loss']:9.5f}")
         if "reference" in by and "rdo.py" in by:
             rel = abs(by["rdo.py"]["loss"] - by["reference"]["loss"]) / abs(by["reference"]["loss"])
             verdict = ("ok" if rel < 1e-3 else "MISMATCH") if dtype == "float32" else "bf16: see the scale"
@@ -196,6 +201,11 @@ def main():
         if fp32 and r["dtype"] != "float32" and r["variant"] == "reference":
             print(f"scale: the reference's own {r['dtype']} loss vs its float32 loss: "
                   f"{abs(r['loss'] - fp32['loss']) / abs(fp32['loss']):.2e}")
+    seconds = {(r["variant"], r["dtype"]): r["seconds"] for r in rows}
+    for v in args.variants:  # is the half-precision dtype worth it on this machine (the rule of --dtype auto)?
+        for dtype in args.dtypes:
+            if dtype != "float32" and (v, dtype) in seconds and (v, "float32") in seconds:
+                print(f"{v}: {dtype} {ratio(seconds[v, 'float32'], seconds[v, dtype])} as fast as float32")
     C.save_json(args.json, rows)
     print(f"wrote {args.json}")
 
