@@ -50,8 +50,8 @@ def pick_device(device="auto"):
 
 
 def _cpu_has_bf16_matmul():
-    # bf16 is ~2.5x faster than fp32 on CPUs with AMX tiles (Intel Sapphire Rapids on), 1.5-2x on CPUs with
-    # AVX512-BF16 (AMD Zen 4 on; README), and much slower on CPUs with neither.
+    # bf16 is ~2x faster than fp32 on CPUs with AMX tiles (Intel Sapphire Rapids on) or AVX512-BF16 (AMD Zen 4 on:
+    # rdo.py's step 2.2x; README), and much slower on CPUs with neither.
     try:
         return bool(torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported())
     except Exception:
