@@ -84,8 +84,8 @@ if args.reselect:  # the same val prompts and scores as rdo.py's own selection, 
     chosen, scored = rdo.select_iterate(model, tok, [c[2] for c in candidates], rdo_meta["alpha"], rdo_meta["layer"],
                                         harm_val, safe_val, rargs)
     run, step, rdo_vec = candidates[chosen["step"]]
-    print(f"kl <= {args.kl_threshold}, induce >= {rargs.induce_threshold}: chose candidate {chosen['step']} of {len(candidates)}, step {step} of {run} "
-          f"(rdo.py chose step {rdo_meta['chosen_step']} of {args.out})")
+    print(f"kl <= {args.kl_threshold}, induce >= {rargs.induce_threshold}: chose candidate {chosen['step']} of "
+          f"{len(candidates)}, step {step} of {run} (rdo.py chose step {rdo_meta['chosen_step']} of {args.out})")
     rdo_meta = {**rdo_meta, "chosen_step": step, "chosen_scores": {**chosen, "step": step, "run": run}}
     pooled = f"_pool{len(args.pool) + 1}" if len(args.pool) > 1 else "_pool" * bool(args.pool)  # (_pool: two runs)
     induce = "" if args.induce_threshold is None else f"_induce{args.induce_threshold:g}"
