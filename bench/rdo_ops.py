@@ -52,9 +52,9 @@ def main():
     steps = {"rdo.py": lambda: rdo.loss_and_grad(model, tok, r.clone().requires_grad_(True), batch, 12.0,
                                                  rdo_step.LAYER, rdo_step.LAMBDAS, args.micro_batch),
              "floor": lambda: rdo_step.floor_step(model, tok, batch, args.micro_batch)}
-    shared_prefix, rows = rdo.shared_prefix, []
+    rows = []
     for prefix in (True, False):
-        rdo.shared_prefix = shared_prefix if prefix else (lambda *a, **k: None)
+        rdo.SHARE_PREFIX = {"cpu"} if prefix else set()
         for name, step in steps.items():
             with Count() as c:
                 step()

@@ -2,7 +2,8 @@
 
   reference  Algorithm 1 written plainly: one example at a time, each loss its own forward/backward, full logits
   rdo.py     rdo.loss_and_grad: length-sorted micro-batches, padding + masks, logits only at target positions,
-             the chat template's shared prefix run once per intervention, the clean retain pass without autograd
+             the chat template's shared prefix run once per intervention (on a CPU: rdo.SHARE_PREFIX), the clean
+             retain pass without autograd
   floor      rdo.py's forward (+ backward) passes over the same tokens with no hooks and no loss bookkeeping
 Each variant runs in its own process (so that peak memory is its own): load, one warm-up step, then --repeats
 timed steps (the median is reported: this machine's speed drifts by tens of percent from minute to minute).
@@ -13,7 +14,9 @@ reference's own bf16 loss is from its fp32 loss, for scale.
 
   python bench/rdo_step.py [--dtypes bfloat16 float32] [--micro-batch 4] [--repeats 3] [--device cuda]
   python bench/rdo_step.py --random-weights CONFIG_DIR --device cuda --micro-batch 16   # speed only, Qwen's shape
-  python bench/rdo_step.py ... --no-prefix       # rdo.py and the floor with every row run whole
+  python bench/rdo_step.py ... --prefix off      # rdo.py and the floor with every row run whole (on: shared on
+                                                 # any device; auto: rdo.SHARE_PREFIX's rule, shared on a CPU)
+  python bench/rdo_step.py --random-weights CONFIG_DIR --config gemma2 ...   # another model's shape, Qwen's tokens
 """
 import argparse, json, math, os, statistics, subprocess, sys, time
 
@@ -108,10 +111,19 @@ def sync(dev):
         torch.cuda.synchronize()
 
 
-def child(variant, dtype, micro_batch, repeats, examples_path, device, random_weights=None, no_prefix=False):
-    model, tok = random_model(random_weights, device, dtype) if random_weights else C.load_model(MODEL, device, dtype)
-    if no_prefix:  # rdo.py and the floor without the shared template prefix: every row runs whole
-        rdo.shared_prefix = lambda *a, **k: None
+def load_config(name):
+    """A folder with a config.json, or a model type whose transformers defaults to take (gemma2: Gemma-2-2B)."""
+    from transformers import AutoConfig
+    return AutoConfig.from_pretrained(name) if os.path.isdir(name) else AutoConfig.for_model(name)
+
+
+def child(variant, dtype, micro_batch, repeats, examples_path, device, random_weights=None, prefix="auto", config=None):
+    if random_weights:
+        model, tok = random_model(random_weights, device, dtype, config and load_config(config))
+    else:
+        model, tok = C.load_model(MODEL, device, dtype)
+    if prefix != "auto":  # rdo.py and the floor with (on any device) or without the shared template prefix
+        rdo.SHARE_PREFIX = {C.input_device(model).type} if prefix == "on" else set()
     dev = C.input_device(model)
     batch = [tuple(e) for e in json.load(open(examples_path))]
     r0 = torch.nn.functional.normalize(torch.randn(C.hidden_size(model), generator=torch.Generator().manual_seed(0)), dim=0).to(dev)
@@ -153,14 +165,19 @@ def main():
     p.add_argument("--device", default="cpu", help="cpu or cuda (peak memory is then torch's peak allocated)")
     p.add_argument("--random-weights", default=None, help="a folder with Qwen's config.json and tokenizer: random "
                    "weights, speed only (needs the examples file of an earlier run with the real model)")
-    p.add_argument("--no-prefix", action="store_true", help="rdo.py and the floor without the shared template "
-                   "prefix (its one-row passes add as many ops as the rows: a question for launch-bound GPUs)")
+    p.add_argument("--config", default=None, help="with --random-weights: this shape instead (a folder with a "
+                   "config.json, or a model type: gemma2 is Gemma-2-2B), with the folder's tokenizer and examples")
+    p.add_argument("--prefix", choices=["auto", "on", "off"], default="auto", help="rdo.py and the floor with "
+                   "the shared template prefix run once (on), every row run whole (off), or rdo.SHARE_PREFIX's rule")
     p.add_argument("--json", default="runs/bench/rdo_step.json")
     p.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
-        return child(*args.child[:2], args.micro_batch, args.repeats, args.child[2], args.device, args.random_weights, args.no_prefix)
+        return child(*args.child[:2], args.micro_batch, args.repeats, args.child[2], args.device, args.random_weights,
+                     args.prefix, args.config)
     examples_path = "runs/bench/rdo_step_examples.json"  # prompts and target ids, made once with the real model
+    if args.config and not args.random_weights:
+        sys.exit("--config needs --random-weights (a folder with Qwen's tokenizer)")
     if not os.path.isdir(MODEL) and not (args.random_weights and os.path.isfile(examples_path)):
         sys.exit(f"{MODEL} not found: run python ../shared/scripts/get_test_models.py first")
     os.makedirs("runs/bench", exist_ok=True)
@@ -174,17 +191,19 @@ def main():
             res = subprocess.run([sys.executable, __file__, "--micro-batch", str(args.micro_batch), "--repeats", str(args.repeats),
                                   "--device", args.device,
                                   *(["--random-weights", args.random_weights] if args.random_weights else []),
-                                  *(["--no-prefix"] if args.no_prefix else []),
+                                  "--prefix", args.prefix,
+                                  *(["--config", args.config] if args.config else []),
                                   "--child", variant, dtype, examples_path], capture_output=True, text=True)
             line = [l for l in res.stdout.splitlines() if l.startswith("{")]
             if not line:
                 sys.exit(f"{variant} {dtype} failed:\n{res.stderr[-3000:]}")
             rows.append({**json.loads(line[-1]), "micro_batch": args.micro_batch, "device": args.device,
-                         "random_weights": args.random_weights, "no_prefix": args.no_prefix})
+                         "random_weights": args.random_weights, "config": args.config, "prefix": args.prefix})
             print(rows[-1], flush=True)
-    what = f"random weights in the shape of {args.random_weights}" if args.random_weights else "Qwen2.5-Coder-0.5B-Instruct"
+    what = (f"random weights in the shape of {args.config or args.random_weights}" if args.random_weights
+            else "Qwen2.5-Coder-0.5B-Instruct")
     print(f"\none optimizer step, 16 pairs, {what} on {args.device}, {torch.get_num_threads()} threads, "
-          f"micro-batch {args.micro_batch}, median of {args.repeats}{', no shared prefix' if args.no_prefix else ''}")
+          f"micro-batch {args.micro_batch}, median of {args.repeats}, shared prefix {args.prefix}")
     print(f"{'dtype':9s} {'variant':10s} {'seconds':>8s} {'vs ref':>7s} {'vs floor':>8s} {'peak MB':>8s} {'loss':>9s}")
     for dtype in args.dtypes:
         by = {r["variant"]: r for r in rows if r["dtype"] == dtype}

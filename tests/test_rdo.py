@@ -291,8 +291,8 @@ def test_batch_order_never_straddles_two_shuffles():
 
 @pytest.mark.parametrize("family", ["qwen2", "gemma3"])
 def test_the_shared_prefix_changes_nothing(family, monkeypatch):
-    """The template prefix run once (its keys and values reused by every row, its gradient sent back at the end)
-    gives the loss and gradient of full passes. Gemma's tiny sliding window is widened so that it may share."""
+    """The template prefix run once (its keys and values reused by every row, its gradient sent back at the end:
+    on a CPU) gives the loss and gradient of full passes (on a GPU). Gemma's tiny sliding window is widened so that it may share."""
     import conftest
     real_config = conftest.make_config
     monkeypatch.setattr(conftest, "make_config", lambda *a, **k: setattr(c := real_config(*a, **k), "sliding_window", 512) or c)
@@ -307,9 +307,14 @@ def test_the_shared_prefix_changes_nothing(family, monkeypatch):
     assert torch.equal(prefix, rdo.shared_prefix(tok, HARMLESS[:3], tg["retain"], model))  # ablation and retain share it
     r = torch.randn(C.hidden_size(model), dtype=torch.float64)
     r1, r2 = r.clone().requires_grad_(True), r.clone().requires_grad_(True)
+    calls, real_kv = [], rdo.prefix_kv
+    monkeypatch.setattr(rdo, "prefix_kv", lambda *a: calls.append(1) or real_kv(*a))
     shared = rdo.loss_and_grad(model, tok, r1, batch, 3.0, 1, lam, 2)
-    monkeypatch.setattr(rdo, "shared_prefix", lambda *a: None)
+    assert len(calls) == 3  # ablation (retain reuses it), addition, and the clean retain pass's prefix
+    monkeypatch.setattr(rdo, "SHARE_PREFIX", set())  # the rule on a GPU: every row runs whole
+    assert rdo.shared_prefix(tok, HARMFUL[:3], tg["answer"], model) is None
     full = rdo.loss_and_grad(model, tok, r2, batch, 3.0, 1, lam, 2)
+    assert len(calls) == 3
     for k in ("abl", "add", "ret"):
         assert shared[k] == pytest.approx(full[k], rel=1e-6, abs=1e-9)
     torch.testing.assert_close(r1.grad, r2.grad, rtol=1e-5, atol=1e-9)
