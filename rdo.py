@@ -187,9 +187,10 @@ def window_logits(model, batch, k, kv="kv"):
 
 
 # Devices where the shared prefix runs once: a CPU pays per token (1.25x on Qwen-0.5B, a third of its tokens
-# saved); a GPU at these sizes pays per pass, and the one-row prefix pass with its backward costs as much as the
-# rows' pass. On an H100 in bf16 (bench/rdo_step.py, micro-batch 16, median of 10) the step took 0.43 s with it
-# and 0.33 s without in Qwen-0.5B's shape, 0.67 / 0.43 in Gemma-2-2B's, 0.58 / 0.40 in Qwen-7B's.
+# saved). On a GPU the one-row prefix pass, its backward and the copies of its keys and values into every row's
+# cache cost more than the tokens they save, at every size timed (not profiled). On an H100 in bf16
+# (bench/rdo_step.py, micro-batch 16, median of 10) the step took 0.43 s with it and 0.33 s without in Qwen-0.5B's
+# shape, 0.67 / 0.43 in Gemma-2-2B's, 0.58 / 0.40 in Qwen-7B's.
 SHARE_PREFIX = {"cpu"}
 
 
@@ -257,8 +258,8 @@ def loss_and_grad(model, tok, r, batch, alpha, layer, lambdas, micro_batch):
 
     Each loss is a mean over examples, so each runs over its own micro-batches of examples sorted by length:
     less padding, and the result does not depend on micro_batch. Backward after every micro-batch bounds memory.
-    The template's prefix that every prompt shares runs once under each intervention (the ablation and retain
-    losses share theirs); the rows continue from its keys and values (leaves of their own), whose gradients go
+    On a CPU (SHARE_PREFIX) the template's prefix that every prompt shares runs once under each intervention (the
+    ablation and retain losses share theirs); the rows continue from its keys and values (leaves of their own), whose gradients go
     back through the prefix pass at the end.
     """
     device, n = C.input_device(model), len(batch)

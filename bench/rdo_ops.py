@@ -42,8 +42,7 @@ def main():
     examples = "runs/bench/rdo_step_examples.json"
     if not (os.path.isdir(rdo_step.MODEL) and os.path.isfile(examples)):
         sys.exit(f"needs {rdo_step.MODEL} (../shared/scripts/get_test_models.py) and {examples} (bench/rdo_step.py)")
-    from transformers import AutoConfig
-    cfg = AutoConfig.from_pretrained(args.config) if os.path.isdir(args.config) else AutoConfig.for_model(args.config)
+    cfg = rdo_step.load_config(args.config)
     cfg.head_dim = 4  # the model's layers and heads, each head 4 wide
     cfg.hidden_size, cfg.intermediate_size = 4 * cfg.num_attention_heads, 8 * cfg.num_attention_heads
     model, tok = random_model(rdo_step.MODEL, "cpu", "float32", cfg)  # Qwen's tokenizer: the examples are its ids

@@ -83,7 +83,7 @@ def reference_step(model, tok, r, batch, alpha, layer):
 
 def floor_step(model, tok, batch, micro_batch):
     """rdo.py's passes over the same micro-batches (the rows after the shared template prefix, which runs once per
-    loss) with no hooks and no losses: the gradient enters through one add-zero hook at block 0 (at the addition
+    loss where rdo.shared_prefix shares it) with no hooks and no losses: the gradient enters through one add-zero hook at block 0 (at the addition
     layer for the addition pass, as in rdo.py) instead of through r."""
     harm, safe, answer, refusal, retain = zip(*batch)
     n_tokens = {p: len(tok(p, add_special_tokens=False)["input_ids"]) for p in harm + safe}
@@ -122,9 +122,9 @@ def child(variant, dtype, micro_batch, repeats, examples_path, device, random_we
         model, tok = random_model(random_weights, device, dtype, config and load_config(config))
     else:
         model, tok = C.load_model(MODEL, device, dtype)
-    if prefix != "auto":  # rdo.py and the floor with (on any device) or without the shared template prefix
-        rdo.SHARE_PREFIX = {C.input_device(model).type} if prefix == "on" else set()
     dev = C.input_device(model)
+    if prefix != "auto":  # rdo.py and the floor with (on any device) or without the shared template prefix
+        rdo.SHARE_PREFIX = {dev.type} if prefix == "on" else set()
     batch = [tuple(e) for e in json.load(open(examples_path))]
     r0 = torch.nn.functional.normalize(torch.randn(C.hidden_size(model), generator=torch.Generator().manual_seed(0)), dim=0).to(dev)
     alpha, layer = 12.0, LAYER
@@ -153,7 +153,7 @@ def child(variant, dtype, micro_batch, repeats, examples_path, device, random_we
     else:
         peak = next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM")) / 1024
     print(json.dumps({"variant": variant, "dtype": dtype, "seconds": statistics.median(times[1:]), "all_seconds": times[1:],
-                      "loss": losses[-1], "peak_mb": peak - base}))
+                      "loss": losses[-1], "peak_mb": peak - base, "shared_prefix": dev.type in rdo.SHARE_PREFIX}))
 
 
 def main():
@@ -203,7 +203,8 @@ def main():
     what = (f"random weights in the shape of {args.config or args.random_weights}" if args.random_weights
             else "Qwen2.5-Coder-0.5B-Instruct")
     print(f"\none optimizer step, 16 pairs, {what} on {args.device}, {torch.get_num_threads()} threads, "
-          f"micro-batch {args.micro_batch}, median of {args.repeats}, shared prefix {args.prefix}")
+          f"micro-batch {args.micro_batch}, median of {args.repeats}, shared prefix: "
+          f"{'yes' if rows[-1]['shared_prefix'] else 'no'} (--prefix {args.prefix})")
     print(f"{'dtype':9s} {'variant':10s} {'seconds':>8s} {'vs ref':>7s} {'vs floor':>8s} {'peak MB':>8s} {'loss':>9s}")
     for dtype in args.dtypes:
         by = {r["variant"]: r for r in rows if r["dtype"] == dtype}

@@ -291,8 +291,9 @@ def test_batch_order_never_straddles_two_shuffles():
 
 @pytest.mark.parametrize("family", ["qwen2", "gemma3"])
 def test_the_shared_prefix_changes_nothing(family, monkeypatch):
-    """The template prefix run once (its keys and values reused by every row, its gradient sent back at the end:
-    on a CPU) gives the loss and gradient of full passes (on a GPU). Gemma's tiny sliding window is widened so that it may share."""
+    """The template prefix run once (its keys and values reused by every row, its gradient sent back at the end;
+    the CPU's path) gives the loss and gradient of full passes (the GPU's path, SHARE_PREFIX empty here). Gemma's
+    tiny sliding window is widened so that it may share."""
     import conftest
     real_config = conftest.make_config
     monkeypatch.setattr(conftest, "make_config", lambda *a, **k: setattr(c := real_config(*a, **k), "sliding_window", 512) or c)
