@@ -77,6 +77,9 @@ def parse_args(argv=None):
     p.add_argument("--init", default=None, metavar="FILE", help="start from this direction (a .safetensors file, or "
                    "'dim' for the DIM direction) instead of a random one, as the paper does; the seed still draws the "
                    "batches (on Qwen2.5-0.5B the random start decided which optimum RDO reached: README)")
+    p.add_argument("--sign-warmup", type=int, default=0, metavar="K", help="not in the paper: the first K steps "
+                   "without the addition loss (the other two are even in r, so its sign is free), then r takes the "
+                   "sign whose addition loss is lower on that step's batch (0: the paper's loop)")
     return p.parse_args(argv)
 
 
@@ -348,6 +351,22 @@ def initial_direction(args, model, dim_vec, basis, g):
     return r / r.norm()
 
 
+def choose_sign(model, tok, r, opt, batch, alpha, layer, micro_batch):
+    """After --sign-warmup steps without the addition loss: the ablation and retain losses are even in r, so the
+    warm-up may have reached either of two mirror images; keep the one whose addition loss is lower on this batch.
+    Adam's first moment flips with r (its second does not change), so the steps after a flip are mirrored too.
+    Returns whether r flipped."""
+    _, safe, _, refusal, _ = zip(*batch)
+    mean_loss = lambda v: sum(addition_loss(model, v, pack(tok, safe[j:j + micro_batch], refusal[j:j + micro_batch],
+                                                           C.input_device(model)), alpha, layer).sum().item()
+                              for j in range(0, len(batch), micro_batch)) / len(batch)
+    flip = mean_loss(-r) < mean_loss(r)
+    if flip:
+        r.neg_()
+        opt.state[r]["exp_avg"].neg_()
+    return flip
+
+
 def plateau_step(state, loss, patience, max_drops):
     """lr / 10 after `patience` steps without a new best loss, at most `max_drops` times; then stop.
 
@@ -482,6 +501,8 @@ def main(argv=None):
     r = initial_direction(args, model, dim_vec, basis, g).requires_grad_(True)
     if args.init:  # a checkpoint of another start must not be resumed from this one (old checkpoints lack the key)
         run_key = {**run_key, "init": args.init}
+    if args.sign_warmup:
+        run_key = {**run_key, "sign_warmup": args.sign_warmup}
     opt = make_optimizer(r, args)
     order = batch_order(n, args.effective_batch, args.epochs, g)
     state = new_state()
@@ -498,7 +519,10 @@ def main(argv=None):
         s = state["step"]
         idx = order[s * args.effective_batch:(s + 1) * args.effective_batch].tolist()  # line 3: sample a batch
         opt.zero_grad()
-        sums = loss_and_grad(model, tok, r, training_batch(S, idx), alpha, layer, S.lambdas, S.micro_batch)  # line 4
+        batch = training_batch(S, idx)
+        lambdas = {**S.lambdas, "add": 0.0} if s < args.sign_warmup else S.lambdas  # --sign-warmup: sign left free
+        sums = loss_and_grad(model, tok, r, batch, alpha, layer, lambdas, S.micro_batch)  # line 4
+        sums["loss"] = sum(S.lambdas[k] * sums[k] for k in S.lambdas)  # the paper's L, for the schedule and the log
         if not math.isfinite(sums["loss"]):
             raise C.RefusalError(f"loss is {sums['loss']} at step {s}: stopped; the last good state is in {ckpt_path} "
                                  "(lower --lr, or use --dtype float32)")
@@ -506,6 +530,9 @@ def main(argv=None):
             sums["grad_norm"] = sphere_step(opt, r, args.max_grad_norm)  # line 5: a step along the sphere ...
             r.copy_(project_out(r, basis))
             r /= r.norm()  # line 6: ... and back onto it
+            if s + 1 == args.sign_warmup:
+                sums["flipped"] = choose_sign(model, tok, r, opt, batch, alpha, layer, S.micro_batch)
+                tqdm.write(f"step {s}: end of the sign warm-up, r {'flipped' if sums['flipped'] else 'kept'}")
         record_step(opt, state, sums, r, args)
         ck = {"r": r.detach().cpu(), "opt": opt.state_dict(), "state": state, "order": order, "run": run_key}
         C.atomic_write(ckpt_path, lambda tmp: torch.save(ck, tmp))  # Ctrl-C now loses at most this step
@@ -521,6 +548,7 @@ def main(argv=None):
     direction = state["iterates"][chosen["step"]]
     meta = {"model": args.model, "layer": layer, "alpha": alpha, **C.provenance(args), "dim": args.dim, "dim_layer": S.dim_layer,
             "dim_alpha": dim_vec.norm().item(), "orthogonal_to": args.orthogonal_to, "init": args.init or "random",
+            "sign_warmup": args.sign_warmup,
             "chosen_step": chosen["step"], "chosen_scores": chosen, "selection": scored, "history": state["history"],
             "max_abs_cos_with_orthogonal_to": None if basis is None else (basis.cpu() @ direction).abs().max().item(),
             "data": {"train_pairs": n, "harmful_val": len(S.harm_val), "harmless_val": len(S.safe_val)},

@@ -44,6 +44,8 @@ p.add_argument("--amsgrad", action="store_true", help="rdo.py's flag (the author
 p.add_argument("--max-grad-norm", type=float, default=None, help="rdo.py's flag")
 p.add_argument("--retain-tokens", type=int, default=None, help="rdo.py's flag: t_retain's length (the retain KL "
                "averages over it and the last template token; this bench's KL takes the last position alone)")
+p.add_argument("--sign-warmup", type=int, default=None, help="rdo.py's flag: steps without the addition loss, then "
+               "r takes the sign the addition loss prefers")
 p.add_argument("--kl-threshold", type=float, default=0.1, help="the selection's KL bound (rdo.py's flag)")
 p.add_argument("--induce-threshold", type=float, default=None, help="the selection's induce bound (rdo.py's flag; "
                "default 0, which no iterate on this model reaches: see the README)")
@@ -60,7 +62,7 @@ t0 = time.time()
 rdo_argv = ["--model", QWEN, "--dim", args.dim, *split_args(), "--n-train", str(args.n_train), "--n-val", "32",
             "--select-last", "20", "--seed", str(args.seed), "--out", args.out, "--overwrite"]
 for flag in ("lambda_ret", "lambda_add", "lr", "patience", "kl_threshold", "max_steps", "epochs", "layer", "init",
-             "max_grad_norm", "retain_tokens", "induce_threshold"):
+             "max_grad_norm", "retain_tokens", "induce_threshold", "sign_warmup"):
     if getattr(args, flag) is not None:
         rdo_argv += ["--" + flag.replace("_", "-"), str(getattr(args, flag))]
 rdo_argv += ["--amsgrad"] * args.amsgrad

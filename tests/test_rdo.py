@@ -354,6 +354,46 @@ def test_init_starts_from_the_given_direction_with_the_same_batches(setup, monke
     assert batches[:2] == batches[2:4] == batches[4:6] and len(batches) == 6  # the seed's batches, whatever the start
 
 
+def test_choose_sign_keeps_the_mirror_image_with_the_lower_addition_loss():
+    model, tok = make_model("llama")
+    tg = {"refusal": [[45], [46, 47], [48, 49, 50]], "other": [[40], [41], [42]]}
+    batch = list(zip(HARMFUL[:3], HARMLESS[:3], tg["other"], tg["refusal"], tg["other"]))
+    b = rdo.pack(tok, HARMLESS[:3], tg["refusal"], "cpu")
+    loss = lambda v: rdo.addition_loss(model, v, b, 3.0, 1).mean().item()  # by hand: all three rows in one pass
+    r0 = F.normalize(torch.randn(C.hidden_size(model), generator=torch.Generator().manual_seed(0)), dim=0)
+    seen = []
+    for start in (r0, -r0):  # one of the two starts flips, the other stays
+        r = start.clone().requires_grad_(True)
+        opt = torch.optim.AdamW([r], lr=0.01)
+        r.grad = torch.randn_like(r)
+        opt.step()
+        before, moment = r.detach().clone(), opt.state[r]["exp_avg"].clone()
+        with torch.no_grad():
+            flipped = rdo.choose_sign(model, tok, r, opt, batch, 3.0, 1, 2)
+        assert flipped == (loss(-before) < loss(before))
+        assert torch.equal(r.detach(), -before if flipped else before)
+        assert torch.equal(opt.state[r]["exp_avg"], -moment if flipped else moment)
+        assert loss(r.detach()) <= loss(-r.detach())
+        with torch.no_grad():
+            assert not rdo.choose_sign(model, tok, r, opt, batch, 3.0, 1, 2)  # a second look keeps it
+        seen.append(flipped)
+    assert seen[0] != seen[1]
+
+
+def test_sign_warmup_trains_without_the_addition_loss_then_chooses_the_sign(setup):
+    base, tmp, _ = setup
+    rdo.main(base + ["--max-steps", "3", "--sign-warmup", "2", "--out", str(tmp / "w")])
+    rdo.main(base + ["--max-steps", "2", "--lambda-add", "0", "--out", str(tmp / "a0")])
+    w, a0 = (C.load_result(str(tmp / k / "rdo.safetensors"))[0]["iterates"] for k in ("w", "a0"))
+    meta = json.load(open(tmp / "w" / "rdo.json"))
+    flipped = meta["history"][1]["flipped"]
+    assert meta["sign_warmup"] == 2 and "flipped" not in meta["history"][0]
+    torch.testing.assert_close(w[0], a0[0])  # the warm-up's steps are lambda_add 0's ...
+    torch.testing.assert_close(w[1], -a0[1] if flipped else a0[1])  # ... up to the chosen sign
+    for h in meta["history"]:  # the logged loss is still the paper's L, addition term included
+        assert h["loss"] == pytest.approx(h["abl"] + 0.2 * h["add"] + h["ret"])
+
+
 def test_init_errors(setup):
     base, tmp, dim_file = setup
     with pytest.raises(C.RefusalError, match="span of --orthogonal-to"):
@@ -399,7 +439,8 @@ def test_targets_are_generated_under_the_right_interventions(setup, monkeypatch)
 
 @pytest.mark.parametrize("other, named", [(["--lr", "0.001"], "lr"), (["--seed", "1"], "seed"),
                                           (["--lambda-ret", "2"], "lambda_ret"), (["--lambda-add", "1"], "lambda_add"),
-                                          (["--n-train", "12"], "n_train"), (["--epochs", "2"], "epochs")])
+                                          (["--n-train", "12"], "n_train"), (["--epochs", "2"], "epochs"),
+                                          (["--sign-warmup", "2"], "sign_warmup")])
 def test_resume_refuses_a_checkpoint_of_other_settings(setup, other, named):
     base, tmp, _ = setup
     with interrupted_at_call(rdo, "plateau_step", 2):
