@@ -17,6 +17,7 @@ Usage:
   python rdo.py ... --orthogonal-to runs/.../dim/dim.safetensors --out runs/x/rdo_perp   # RDO-perp
   python rdo.py ... --resume                                       # after Ctrl-C or a crash
   python rdo.py ... --init dim                                     # start from the DIM direction, not at random
+  python rdo.py ... --sign-warmup 4      # not in the paper: 4 steps without the addition loss, then r's sign (README)
   python rdo.py ... --lambda-ret 30 --amsgrad --max-grad-norm 10   # the authors' code's settings (README)
 Writes DIR/rdo.safetensors (tensor `direction`, unit norm; `iterates`, every step's r, to choose again with other
 thresholds) and DIR/rdo.json (layer, alpha, loss history, the chosen step and its scores, flags, versions);
