@@ -352,6 +352,7 @@ def initial_direction(args, model, dim_vec, basis, g):
     return r / r.norm()
 
 
+@torch.no_grad()
 def choose_sign(model, tok, r, opt, batch, alpha, layer, micro_batch):
     """After --sign-warmup steps without the addition loss: the ablation and retain losses are even in r, so the
     warm-up may have reached either of two mirror images; keep the one whose addition loss is lower on this batch.
@@ -503,6 +504,8 @@ def main(argv=None):
     if args.init:  # a checkpoint of another start must not be resumed from this one (old checkpoints lack the key)
         run_key = {**run_key, "init": args.init}
     if args.sign_warmup:
+        if not 0 < args.sign_warmup < total:
+            raise C.RefusalError(f"--sign-warmup {args.sign_warmup}: give 0 (off) or fewer steps than the run's {total}")
         run_key = {**run_key, "sign_warmup": args.sign_warmup}
     opt = make_optimizer(r, args)
     order = batch_order(n, args.effective_batch, args.epochs, g)

@@ -383,13 +383,16 @@ def test_choose_sign_keeps_the_mirror_image_with_the_lower_addition_loss():
 def test_sign_warmup_trains_without_the_addition_loss_then_chooses_the_sign(setup):
     base, tmp, _ = setup
     rdo.main(base + ["--max-steps", "3", "--sign-warmup", "2", "--out", str(tmp / "w")])
-    rdo.main(base + ["--max-steps", "2", "--lambda-add", "0", "--out", str(tmp / "a0")])
+    rdo.main(base + ["--max-steps", "3", "--lambda-add", "0", "--out", str(tmp / "a0")])
     w, a0 = (C.load_result(str(tmp / k / "rdo.safetensors"))[0]["iterates"] for k in ("w", "a0"))
     meta = json.load(open(tmp / "w" / "rdo.json"))
     flipped = meta["history"][1]["flipped"]
     assert meta["sign_warmup"] == 2 and "flipped" not in meta["history"][0]
     torch.testing.assert_close(w[0], a0[0])  # the warm-up's steps are lambda_add 0's ...
     torch.testing.assert_close(w[1], -a0[1] if flipped else a0[1])  # ... up to the chosen sign
+    assert (w[2] @ a0[2]).abs() < 1 - 1e-4  # ... and then the addition loss is back
+    with pytest.raises(C.RefusalError, match="--sign-warmup 3: give 0"):
+        rdo.main(base + ["--max-steps", "3", "--sign-warmup", "3", "--out", str(tmp / "x")])
     for h in meta["history"]:  # the logged loss is still the paper's L, addition term included
         assert h["loss"] == pytest.approx(h["abl"] + 0.2 * h["add"] + h["ret"])
 
