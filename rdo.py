@@ -263,8 +263,8 @@ def loss_and_grad(model, tok, r, batch, alpha, layer, lambdas, micro_batch):
     Each loss is a mean over examples, so each runs over its own micro-batches of examples sorted by length:
     less padding, and the result does not depend on micro_batch. Backward after every micro-batch bounds memory.
     On a CPU (SHARE_PREFIX) the template's prefix that every prompt shares runs once under each intervention (the
-    ablation and retain losses share theirs); the rows continue from its keys and values (leaves of their own), whose gradients go
-    back through the prefix pass at the end.
+    ablation and retain losses share theirs); the rows continue from its keys and values (leaves of their own),
+    whose gradients go back through the prefix pass at the end.
     """
     device, n = C.input_device(model), len(batch)
     harm, safe, answer, refusal, retain = zip(*batch)
