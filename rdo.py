@@ -295,8 +295,10 @@ def loss_and_grad(model, tok, r, batch, alpha, layer, lambdas, micro_batch):
             idx = order[j:j + micro_batch]
             b = pack(tok, [prompts[i] for i in idx], [targets[i] for i in idx], device, 0 if prefix is None else prefix.shape[1])
             b["kv"], b["clean_kv"] = leaves, clean
-            per_example = losses[key](b, r if r.dim() == 1 else r[idx].unsqueeze(1))
-            (lambdas[key] * per_example.sum() / n).backward()
+            with torch.set_grad_enabled(lambdas[key] != 0):  # a loss weighted 0 is only reported: no backward
+                per_example = losses[key](b, r if r.dim() == 1 else r[idx].unsqueeze(1))
+            if lambdas[key]:
+                (lambdas[key] * per_example.sum() / n).backward()
             sums[key] += per_example.sum().item() / n
     for kv, leaves in prefixes.values():  # the rows' gradients w.r.t. the prefix's keys/values, back through it
         grads = [(t, leaf.grad) for pair, lp in zip(kv, leaves) for t, leaf in zip(pair, lp) if leaf.grad is not None]

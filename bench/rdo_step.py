@@ -83,8 +83,8 @@ def reference_step(model, tok, r, batch, alpha, layer):
 
 def floor_step(model, tok, batch, micro_batch):
     """rdo.py's passes over the same micro-batches (the rows after the shared template prefix, which runs once per
-    loss where rdo.shared_prefix shares it) with no hooks and no losses: the gradient enters through one add-zero hook at block 0 (at the addition
-    layer for the addition pass, as in rdo.py) instead of through r."""
+    loss where rdo.shared_prefix shares it) with no hooks and no losses: the gradient enters through one add-zero
+    hook at block 0 (at the addition layer for the addition pass, as in rdo.py) instead of through r."""
     harm, safe, answer, refusal, retain = zip(*batch)
     n_tokens = {p: len(tok(p, add_special_tokens=False)["input_ids"]) for p in harm + safe}
     for key, prompts, targets in (("abl", harm, answer), ("add", safe, refusal), ("ret", safe, retain)):

@@ -68,11 +68,12 @@ def reference_loss(model, tok, r, harm, safe, tg, alpha, layer, lam):
 
 @pytest.mark.parametrize("family", ["llama", "gemma2"])
 @pytest.mark.parametrize("micro_batch", [1, 2])
-def test_loss_and_gradient_match_the_plain_algorithm(family, micro_batch):
+@pytest.mark.parametrize("lambda_add", [0.2, 0.0])  # 0: --lambda-add 0 and --sign-warmup's steps, no addition backward
+def test_loss_and_gradient_match_the_plain_algorithm(family, micro_batch, lambda_add):
     model, tok = make_model(family)
     tg = {"answer": [[40, 41, 42], [43, 44], [45, 46, 47, 48]], "refusal": [[45], [46, 47, 48, 49], [50, 51]],
           "retain": [[50, 51], [52, 53, 54], [55]]}
-    lam = {"abl": 1.0, "add": 0.2, "ret": 1.0}
+    lam = {"abl": 1.0, "add": lambda_add, "ret": 1.0}
     batch = list(zip(HARMFUL[:3], HARMLESS[:3], tg["answer"], tg["refusal"], tg["retain"]))
     torch.manual_seed(0)
     r1 = torch.randn(C.hidden_size(model)).requires_grad_(True)
@@ -83,6 +84,7 @@ def test_loss_and_gradient_match_the_plain_algorithm(family, micro_batch):
     assert sums["loss"] == pytest.approx(ref.item(), rel=1e-4)
     torch.testing.assert_close(r1.grad, r2.grad, rtol=1e-3, atol=1e-6)
     assert sums["loss"] == pytest.approx(sum(lam[k] * sums[k] for k in lam), rel=1e-9)
+    assert sums["add"] > 0  # reported even where it is weighted 0
 
 
 def test_tangent_projection_and_renormalisation():
