@@ -18,12 +18,13 @@ Usage:
   python rdo.py ... --resume                                       # after Ctrl-C or a crash
   python rdo.py ... --init dim                                     # start from the DIM direction, not at random
   python rdo.py ... --sign-warmup 4      # not in the paper: 4 steps without the addition loss, then r's sign (README)
+  python rdo.py ... --judge-refusals     # not in the paper: refusal targets that are refusals (README)
   python rdo.py ... --lambda-ret 30 --amsgrad --max-grad-norm 10   # the authors' code's settings (README)
 Writes DIR/rdo.safetensors (tensor `direction`, unit norm; `iterates`, every step's r, to choose again with other
 thresholds) and DIR/rdo.json (layer, alpha, loss history, the chosen step and its scores, flags, versions);
 DIR/rdo_checkpoint.pt while training.
 """
-import argparse, hashlib, json, math, os, time
+import argparse, hashlib, itertools, json, math, os, time
 from types import SimpleNamespace
 
 import torch
@@ -60,6 +61,9 @@ def training_parser(doc, method):
     a("--answer-tokens", type=int, default=30, help="length of t_answer (DIM ablated, harmful prompts)")
     a("--retain-tokens", type=int, default=29, help="length of t_retain (no intervention, harmless prompts)")
     a("--refusal-tokens", type=int, default=32, help="t_refusal (DIM added, harmless prompts): at most this many tokens, cut after the first sentence")
+    a("--judge-refusals", action="store_true", help="not in the paper: keep the t_refusal targets that the substring "
+      "judge calls refusals and give each other harmless prompt one of those in turn (where DIM's addition answers "
+      "instead of refusing, the paper's addition loss trains r to answer too: 40%% of them on Qwen2.5-0.5B; README)")
     a("--patience", type=int, default=5, help="steps without improvement before lr / 10 (the paper's 5; each step's "
       "loss is one batch's, so an easy batch can drop the lr early: on Qwen2.5-0.5B, seed 0, 10 gave a better direction; README)")
     a("--lr-drops", type=int, default=2, help="lr reductions before the next plateau stops training")
@@ -150,6 +154,19 @@ def get_targets(model, tok, harm, safe, dim_vec, layer, args):
     C.save_json(path, targets)
     print(f"targets cached in {path}")
     return targets
+
+
+def judged_refusals(tok, refusal):
+    """--judge-refusals: the t_refusal targets with every one that the substring judge does not call a refusal
+    replaced by the next judged refusal target in turn (refusals are nearly prompt-independent; answers are not).
+    Returns the targets and how many were replaced."""
+    judged = [C.is_refusal(tok.decode(t, skip_special_tokens=True)) for t in refusal]
+    donors = [t for t, ok in zip(refusal, judged) if ok]
+    if not donors:
+        raise C.RefusalError("--judge-refusals: DIM's addition made no harmless training prompt refuse, so there is "
+                             "no refusal target to train on: run without the flag")
+    turn = itertools.count()
+    return [t if ok else donors[next(turn) % len(donors)] for t, ok in zip(refusal, judged)], judged.count(False)
 
 
 # ----------------------------------------------------------------------------- the losses (COMPUTELOSS)
@@ -458,19 +475,24 @@ def setup(args, method):
         raise C.RefusalError(f"{n} training pairs are fewer than one effective batch ({args.effective_batch})")
     total = steps_per_epoch * args.epochs if args.max_steps is None else min(args.max_steps, steps_per_epoch * args.epochs)
     alpha = args.alpha if args.alpha is not None else dim_vec.norm().item()
+    targets = get_targets(model, tok, harm[:n], safe[:n], dim_vec, dim_layer, args)  # DIM acts at its own layer
+    replaced = None
+    if args.judge_refusals:
+        targets["refusal"], replaced = judged_refusals(tok, targets["refusal"])
+        print(f"--judge-refusals: {replaced} of {n} refusal targets were answers, not refusals: replaced")
     # everything that shapes the training: --resume refuses a checkpoint made with other values
     run_key = {k: getattr(args, k) for k in ("model", "harmful", "harmless", "harmful_val", "harmless_val", "n_train",
                                               "n_val", "seed", "effective_batch",
                                               "epochs", "lr", "amsgrad", "max_grad_norm", "patience", "lr_drops",
                                               "lambda_abl", "lambda_add", "lambda_ret", "answer_tokens", "retain_tokens",
-                                              "refusal_tokens")}
+                                              "refusal_tokens", "judge_refusals")}
     run_key.update(layer=layer, alpha=alpha, dim=C.tensor_hash(dim_vec), betas=tuple(args.betas), dtype=str(model.dtype),
                    orthogonal_to=None if basis is None else C.tensor_hash(basis))
     return SimpleNamespace(
         out=out, ckpt_path=ckpt_path, model=model, tok=tok, device=device, harm=harm[:n], safe=safe[:n], n=n,
         harm_val=harm_val, safe_val=safe_val, dim_vec=dim_vec, dim_layer=dim_layer, layer=layer, basis=basis,
         alpha=alpha,
-        targets=get_targets(model, tok, harm[:n], safe[:n], dim_vec, dim_layer, args),  # DIM acts at its own layer
+        targets=targets, refusal_targets_replaced=replaced,
         lambdas={"abl": args.lambda_abl, "add": args.lambda_add, "ret": args.lambda_ret},
         micro_batch=args.micro_batch or (args.effective_batch if device.type == "cuda" else 2),
         total=total, run_key=run_key)
@@ -554,7 +576,7 @@ def main(argv=None):
     direction = state["iterates"][chosen["step"]]
     meta = {"model": args.model, "layer": layer, "alpha": alpha, **C.provenance(args), "dim": args.dim, "dim_layer": S.dim_layer,
             "dim_alpha": dim_vec.norm().item(), "orthogonal_to": args.orthogonal_to, "init": args.init or "random",
-            "sign_warmup": args.sign_warmup,
+            "sign_warmup": args.sign_warmup, "refusal_targets_replaced": S.refusal_targets_replaced,
             "chosen_step": chosen["step"], "chosen_scores": chosen, "selection": scored, "history": state["history"],
             "max_abs_cos_with_orthogonal_to": None if basis is None else (basis.cpu() @ direction).abs().max().item(),
             "data": {"train_pairs": n, "harmful_val": len(S.harm_val), "harmless_val": len(S.safe_val)},

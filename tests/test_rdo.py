@@ -399,6 +399,41 @@ def test_sign_warmup_trains_without_the_addition_loss_then_chooses_the_sign(setu
         assert h["loss"] == pytest.approx(h["abl"] + 0.2 * h["add"] + h["ret"])
 
 
+def test_judged_refusals_replaces_answers_by_refusals_in_turn():
+    tok = make_model("llama")[1]
+    ids = lambda text: tok(text, add_special_tokens=False)["input_ids"]
+    texts = ["I'm sorry, I can't.", "Sure: 1.", "1. Eggs", "As an AI, I cannot.", "Here."]
+    targets, replaced = rdo.judged_refusals(tok, [ids(t) for t in texts])
+    assert [tok.decode(t) for t in targets] == [texts[0], texts[0], texts[3], texts[3], texts[0]] and replaced == 3
+    assert rdo.judged_refusals(tok, targets) == (targets, 0)  # only refusals: nothing to replace
+    with pytest.raises(C.RefusalError, match="no refusal target to train on: run without the flag"):
+        rdo.judged_refusals(tok, [ids("Sure."), ids("1. Eggs")])
+
+
+def test_judge_refusals_trains_on_refusal_targets_only(setup, monkeypatch):
+    """The tiny model's targets are all alike: here t_refusal number i is "R<i>." and a stand-in judge calls every
+    third one an answer."""
+    base, tmp, _ = setup
+    real_targets, seen, real_loss = rdo.get_targets, [], rdo.loss_and_grad
+
+    def targets(model, tok, *a):
+        t = real_targets(model, tok, *a)
+        t["refusal"] = [tok(f"R{i}.", add_special_tokens=False)["input_ids"] for i in range(len(t["refusal"]))]
+        return t
+    answer = lambda text: int(text[1:-1]) % 3 == 0
+    monkeypatch.setattr(rdo, "get_targets", targets)
+    monkeypatch.setattr(C, "is_refusal", lambda text: not answer(text))
+    monkeypatch.setattr(rdo, "loss_and_grad", lambda model, tok, r, batch, *a: seen.extend(
+        tok.decode(b[3]) for b in batch) or real_loss(model, tok, r, batch, *a))
+    rdo.main(base + ["--max-steps", "3", "--judge-refusals", "--out", str(tmp / "j")])
+    assert len(seen) == 12 and not any(map(answer, seen))
+    meta = json.load(open(tmp / "j" / "rdo.json"))
+    assert meta["args"]["judge_refusals"] and meta["refusal_targets_replaced"] == 6  # R0, R3, ..., R15
+    seen.clear()
+    rdo.main(base + ["--max-steps", "3", "--out", str(tmp / "p")])  # the paper's targets: answers among them
+    assert any(map(answer, seen)) and json.load(open(tmp / "p" / "rdo.json"))["refusal_targets_replaced"] is None
+
+
 def test_init_errors(setup):
     base, tmp, dim_file = setup
     with pytest.raises(C.RefusalError, match="span of --orthogonal-to"):
@@ -445,9 +480,11 @@ def test_targets_are_generated_under_the_right_interventions(setup, monkeypatch)
 @pytest.mark.parametrize("other, named", [(["--lr", "0.001"], "lr"), (["--seed", "1"], "seed"),
                                           (["--lambda-ret", "2"], "lambda_ret"), (["--lambda-add", "1"], "lambda_add"),
                                           (["--n-train", "12"], "n_train"), (["--epochs", "2"], "epochs"),
-                                          (["--sign-warmup", "2"], "sign_warmup")])
-def test_resume_refuses_a_checkpoint_of_other_settings(setup, other, named):
+                                          (["--sign-warmup", "2"], "sign_warmup"),
+                                          (["--judge-refusals"], "judge_refusals")])
+def test_resume_refuses_a_checkpoint_of_other_settings(setup, other, named, monkeypatch):
     base, tmp, _ = setup
+    monkeypatch.setattr(C, "is_refusal", lambda text: True)  # the tiny model's t_refusal: all refusals, for --judge-refusals
     with interrupted_at_call(rdo, "plateau_step", 2):
         rdo.main(base + ["--out", str(tmp / "c")])
     with pytest.raises(C.RefusalError, match=f"other settings \\(.*{named}: "):
