@@ -46,6 +46,8 @@ p.add_argument("--retain-tokens", type=int, default=None, help="rdo.py's flag: t
                "averages over it and the last template token; this bench's KL takes the last position alone)")
 p.add_argument("--sign-warmup", type=int, default=None, help="rdo.py's flag: steps without the addition loss, then "
                "r takes the sign the addition loss prefers")
+p.add_argument("--judge-refusals", action="store_true", help="rdo.py's flag: t_refusal targets that are refusals "
+               "(DIM's addition answers 40%% of the harmless training prompts here)")
 p.add_argument("--kl-threshold", type=float, default=0.1, help="the selection's KL bound (rdo.py's flag)")
 p.add_argument("--induce-threshold", type=float, default=None, help="the selection's induce bound (rdo.py's flag; "
                "default 0, which no iterate on this model reaches: see the README)")
@@ -65,7 +67,7 @@ for flag in ("lambda_ret", "lambda_add", "lr", "patience", "kl_threshold", "max_
              "max_grad_norm", "retain_tokens", "induce_threshold", "sign_warmup"):
     if getattr(args, flag) is not None:
         rdo_argv += ["--" + flag.replace("_", "-"), str(getattr(args, flag))]
-rdo_argv += ["--amsgrad"] * args.amsgrad
+rdo_argv += ["--amsgrad"] * args.amsgrad + ["--judge-refusals"] * args.judge_refusals
 if not (args.skip_train or args.reselect):
     rdo.main(rdo_argv)
 t_rdo = time.time() - t0
