@@ -63,7 +63,7 @@ def training_parser(doc, method):
     a("--refusal-tokens", type=int, default=32, help="t_refusal (DIM added, harmless prompts): at most this many tokens, cut after the first sentence")
     a("--judge-refusals", action="store_true", help="not in the paper: keep the t_refusal targets that the substring "
       "judge calls refusals and give each other harmless prompt one of those in turn (where DIM's addition answers "
-      "instead of refusing, the paper's addition loss trains r to answer too: 40%% of them on Qwen2.5-0.5B; README)")
+      "instead of refusing, the paper's addition loss trains r to answer too: about 40%% of them on Qwen2.5-0.5B; README)")
     a("--patience", type=int, default=5, help="steps without improvement before lr / 10 (the paper's 5; each step's "
       "loss is one batch's, so an easy batch can drop the lr early: on Qwen2.5-0.5B, seed 0, 10 gave a better direction; README)")
     a("--lr-drops", type=int, default=2, help="lr reductions before the next plateau stops training")

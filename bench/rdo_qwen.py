@@ -47,7 +47,7 @@ p.add_argument("--retain-tokens", type=int, default=None, help="rdo.py's flag: t
 p.add_argument("--sign-warmup", type=int, default=None, help="rdo.py's flag: steps without the addition loss, then "
                "r takes the sign the addition loss prefers")
 p.add_argument("--judge-refusals", action="store_true", help="rdo.py's flag: t_refusal targets that are refusals "
-               "(DIM's addition answers 40%% of the harmless training prompts here)")
+               "(DIM's addition answers about 40%% of the harmless training prompts here)")
 p.add_argument("--kl-threshold", type=float, default=0.1, help="the selection's KL bound (rdo.py's flag)")
 p.add_argument("--induce-threshold", type=float, default=None, help="the selection's induce bound (rdo.py's flag; "
                "default 0, which no iterate on this model reaches: see the README)")
