@@ -61,9 +61,10 @@ def training_parser(doc, method):
     a("--answer-tokens", type=int, default=30, help="length of t_answer (DIM ablated, harmful prompts)")
     a("--retain-tokens", type=int, default=29, help="length of t_retain (no intervention, harmless prompts)")
     a("--refusal-tokens", type=int, default=32, help="t_refusal (DIM added, harmless prompts): at most this many tokens, cut after the first sentence")
-    a("--judge-refusals", action="store_true", help="not in the paper: keep the t_refusal targets that the substring "
-      "judge calls refusals and give each other harmless prompt one of those in turn (where DIM's addition answers "
-      "instead of refusing, the paper's addition loss trains r to answer too: about 40%% of them on Qwen2.5-0.5B; README)")
+    a("--judge-refusals", action="store_true", help="not in the paper: train the addition loss on refusals only: "
+      "each t_refusal that the substring judge calls an answer is replaced by another prompt's refusal (where DIM's "
+      "addition answers instead of refusing, the paper's loss trains r to answer too: about 40%% of them on "
+      "Qwen2.5-0.5B; README)")
     a("--patience", type=int, default=5, help="steps without improvement before lr / 10 (the paper's 5; each step's "
       "loss is one batch's, so an easy batch can drop the lr early: on Qwen2.5-0.5B, seed 0, 10 gave a better direction; README)")
     a("--lr-drops", type=int, default=2, help="lr reductions before the next plateau stops training")
@@ -157,10 +158,12 @@ def get_targets(model, tok, harm, safe, dim_vec, layer, args):
 
 
 def judged_refusals(tok, refusal):
-    """--judge-refusals: the t_refusal targets with every one that the substring judge does not call a refusal
-    replaced by the next judged refusal target in turn (refusals are nearly prompt-independent; answers are not).
-    Returns the targets and how many were replaced."""
-    judged = [C.is_refusal(tok.decode(t, skip_special_tokens=True)) for t in refusal]
+    """--judge-refusals: the t_refusal targets, each answer among them (by the substring judge) replaced by a refusal
+    target: the first answer by the first refusal, the second by the second, and so on, round again if need be
+    (refusals barely depend on the prompt; answers do). An empty target (the end of text at once) counts as an
+    answer here, not a refusal to copy. Returns the targets and how many were replaced."""
+    texts = [tok.decode(t, skip_special_tokens=True) for t in refusal]
+    judged = [bool(text.strip()) and C.is_refusal(text) for text in texts]
     donors = [t for t, ok in zip(refusal, judged) if ok]
     if not donors:
         raise C.RefusalError("--judge-refusals: DIM's addition made no harmless training prompt refuse, so there is "
@@ -485,9 +488,11 @@ def setup(args, method):
                                               "n_val", "seed", "effective_batch",
                                               "epochs", "lr", "amsgrad", "max_grad_norm", "patience", "lr_drops",
                                               "lambda_abl", "lambda_add", "lambda_ret", "answer_tokens", "retain_tokens",
-                                              "refusal_tokens", "judge_refusals")}
+                                              "refusal_tokens")}
     run_key.update(layer=layer, alpha=alpha, dim=C.tensor_hash(dim_vec), betas=tuple(args.betas), dtype=str(model.dtype),
                    orthogonal_to=None if basis is None else C.tensor_hash(basis))
+    if args.judge_refusals:  # only when set: checkpoints from before the flag lack the key
+        run_key["judge_refusals"] = True
     return SimpleNamespace(
         out=out, ckpt_path=ckpt_path, model=model, tok=tok, device=device, harm=harm[:n], safe=safe[:n], n=n,
         harm_val=harm_val, safe_val=safe_val, dim_vec=dim_vec, dim_layer=dim_layer, layer=layer, basis=basis,

@@ -60,14 +60,18 @@ def sign_test(b, c):
     return min(1.0, 2 * sum(math.comb(n, i) for i in range(min(b, c) + 1)) / 2 ** n) if n else 1.0
 
 
-def paired(refused):
-    """Each RDO direction against DIM (the first) on the same prompts: prompts refused by both, by one, by neither."""
-    d, *rest = refused.values()
-    rows = []
-    for path, r in zip(args.rdo, rest):
+def paired(res, mode):
+    """Each RDO direction against DIM (the first --direction) on the same prompts: how many each makes the model
+    refuse, on how many both do, and on how many only one does, with the sign test on those."""
+    pick = lambda label: res["results"][label][0] if mode == "induce" else res["results"][f"{label} ablation"]
+    dim, *rdos = res["directions"]  # as evaluate.py labelled and saved them, in --direction's order
+    d, rows = pick(dim["label"])["refused"], []
+    for run in rdos:
+        r = pick(run["label"])["refused"]
         b, c = sum(x and not y for x, y in zip(d, r)), sum(y and not x for x, y in zip(d, r))
-        rows.append({"RDO": os.path.basename(os.path.dirname(os.path.abspath(path))), "n": len(r),
-                     "DIM refusal": sum(d) / len(d), "RDO refusal": sum(r) / len(r), "both": sum(x and y for x, y in zip(d, r)), "DIM only": b, "RDO only": c, "sign test p": sign_test(b, c)})
+        rows.append({"RDO": os.path.basename(os.path.dirname(os.path.abspath(run["path"]))), "n": len(r),
+                     "DIM refusal": sum(d) / len(d), "RDO refusal": sum(r) / len(r),
+                     "both": sum(x and y for x, y in zip(d, r)), "DIM only": b, "RDO only": c, "sign test p": sign_test(b, c)})
     return evaluate.table(rows)
 
 
@@ -79,8 +83,7 @@ for mode in args.modes.split() + ["sweep"] * ("induce" in args.modes and bool(ar
     path = os.path.join(args.out, "sweep", "eval_induce.json") if mode == "sweep" else os.path.join(args.out, f"eval_{mode}.json")
     res = json.load(open(path))
     print(f"\n{mode} ({res['seconds']:.0f} s; plot {res['png']}):\n{evaluate.table(res['table'])}")
-    if mode in ("asr", "induce"):  # directions in --direction's order, DIM first
-        out = {k: (v[0] if mode == "induce" else v)["refused"] for k, v in res["results"].items()
-               if k != "baseline" and not k.endswith("subtraction")}
-        print(f"\n{mode}, paired ({'ablated harmful' if mode == 'asr' else 'added harmless'} prompts refused):\n{paired(out)}")
+    if mode == "asr" or mode == "induce" and args.max_new_tokens:  # (induce without generation has no refusals)
+        what = "ablated harmful" if mode == "asr" else "added harmless"
+        print(f"\n{mode}, paired ({what} prompts refused):\n{paired(res, mode)}")
 print(f"\ntotal {sum(seconds.values()):.0f} s" if seconds else "")

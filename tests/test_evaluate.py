@@ -130,6 +130,17 @@ def test_kl_mode(files):
     assert res["dim"]["ce_increase"] == pytest.approx(res["dim"]["ce"] - res["baseline"]["ce"])
 
 
+def test_directions_of_one_method_get_distinct_labels(files, tmp_path):
+    """Three RDO runs, two of them in folders of one name: each keeps its own label and its own numbers."""
+    g = torch.Generator().manual_seed(2)
+    for k, folder in (("a", "a/run"), ("b", "b/run")):
+        files[k] = C.save_result(str(tmp_path / folder), "rdo", {"direction": torch.randn(32, generator=g)}, {"layer": 2, "alpha": 2.0})
+    res = run(files, "kl", dirs=("rdo", "a", "b"))
+    labels = [d["label"] for d in res["directions"]]
+    assert labels[:2] == ["rdo", "rdo (run)"] and labels[2] == f"rdo ({files['b']})" and set(labels) <= set(res["results"])
+    assert len({res["results"][k]["kl"] for k in labels}) == 3
+
+
 def test_induce_alpha_zero_is_the_baseline(files):
     res = run(files, "induce", "--alphas", "0", "5", "--benign", files["s"], dirs=("dim",))["results"]
     zero, base = res["dim"][0], res["baseline"][0]

@@ -402,9 +402,11 @@ def test_sign_warmup_trains_without_the_addition_loss_then_chooses_the_sign(setu
 def test_judged_refusals_replaces_answers_by_refusals_in_turn():
     tok = make_model("llama")[1]
     ids = lambda text: tok(text, add_special_tokens=False)["input_ids"]
-    texts = ["I'm sorry, I can't.", "Sure: 1.", "1. Eggs", "As an AI, I cannot.", "Here."]
+    texts = ["I'm sorry, I can't.", "Sure: 1.", "1. Eggs", "As an AI, I cannot.", "Here.", "</s>", "<s>I am sorry."]
     targets, replaced = rdo.judged_refusals(tok, [ids(t) for t in texts])
-    assert [tok.decode(t) for t in targets] == [texts[0], texts[0], texts[3], texts[3], texts[0]] and replaced == 3
+    # an empty target (special tokens only) is an answer: replaced, never copied
+    want = [texts[0], texts[0], texts[3], texts[3], texts[6], texts[0], texts[6]]
+    assert [tok.decode(t) for t in targets] == want and replaced == 4
     assert rdo.judged_refusals(tok, targets) == (targets, 0)  # only refusals: nothing to replace
     with pytest.raises(C.RefusalError, match="no refusal target to train on: run without the flag"):
         rdo.judged_refusals(tok, [ids("Sure."), ids("1. Eggs")])
@@ -425,8 +427,10 @@ def test_judge_refusals_trains_on_refusal_targets_only(setup, monkeypatch):
     monkeypatch.setattr(C, "is_refusal", lambda text: not answer(text))
     monkeypatch.setattr(rdo, "loss_and_grad", lambda model, tok, r, batch, *a: seen.extend(
         tok.decode(b[3]) for b in batch) or real_loss(model, tok, r, batch, *a))
-    rdo.main(base + ["--max-steps", "3", "--judge-refusals", "--out", str(tmp / "j")])
-    assert len(seen) == 12 and not any(map(answer, seen))
+    with interrupted_at_call(rdo, "plateau_step", 2):  # and a resumed run replaces them too
+        rdo.main(base + ["--max-steps", "3", "--judge-refusals", "--out", str(tmp / "j")])
+    rdo.main(base + ["--max-steps", "3", "--judge-refusals", "--out", str(tmp / "j"), "--resume"])
+    assert len(seen) == 16 and not any(map(answer, seen))  # steps 0, 1, 1 again after the interruption, 2
     meta = json.load(open(tmp / "j" / "rdo.json"))
     assert meta["args"]["judge_refusals"] and meta["refusal_targets_replaced"] == 6  # R0, R3, ..., R15
     seen.clear()
