@@ -21,37 +21,6 @@ import common as C  # noqa: E402
 import evaluate  # noqa: E402
 from evalkit import DIM, QWEN, held_out  # noqa: E402
 
-p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-p.add_argument("--model", default=QWEN)
-p.add_argument("--dim", default=DIM)
-p.add_argument("--rdo", nargs="+", default=["runs/bench/rdo_qwen/rdo.safetensors"], help="one or more rdo.py results")
-p.add_argument("--out", default="runs/bench/eval_qwen")
-p.add_argument("--n", type=int, default=32, help="held-out prompts per set (harmful: at most 96 remain)")
-p.add_argument("--n-harmless", type=int, default=None, help="harmless prompts (default: --n)")
-p.add_argument("--max-new-tokens", type=int, default=64)
-p.add_argument("--alphas", default="0 2 4 6.8355 8 10 12", help="induce sweep, refusal scores only (|DIM| = 6.8355); \"\": no sweep")
-p.add_argument("--modes", default="asr induce kl cosine")
-p.add_argument("--print-only", action="store_true", help="print the tables of the JSON files already in --out")
-args = p.parse_args()
-for path in (args.model, args.dim, *args.rdo):
-    if not os.path.exists(path):
-        sys.exit(f"{path} not found: run ../shared/scripts/get_test_models.py, bench/dim_qwen.py and bench/rdo_qwen.py first")
-
-harm, safe = held_out(args.n)[0], held_out(args.n_harmless or args.n)[1]  # the first N are the same prompts for any N
-os.makedirs(os.path.join(args.out, "data"), exist_ok=True)
-files = {k: os.path.join(args.out, "data", f"{k}.json") for k in ("harmful", "harmless")}
-for k, v in (("harmful", harm), ("harmless", safe)):
-    C.save_json(files[k], v)
-common = ["--model", args.model, "--direction", args.dim, *args.rdo, "--harmful", files["harmful"], "--harmless",
-          files["harmless"], "--n-val", str(max(len(harm), len(safe))), "--max-new-tokens", str(args.max_new_tokens), "--out", args.out, "--overwrite"]
-seconds = {}
-for mode in [] if args.print_only else args.modes.split():
-    t0 = time.time()
-    evaluate.main([mode] + common)
-    if mode == "induce" and args.alphas.split():  # the alpha sweep by refusal score alone: one scoring pass per alpha, no generation
-        evaluate.main([mode] + common[:-2] + [os.path.join(args.out, "sweep"), "--overwrite", "--max-new-tokens", "0",
-                                              "--alphas", *args.alphas.split()])
-    seconds[mode] = time.time() - t0
 
 def sign_test(b, c):
     """Two-sided exact sign test (McNemar's) on b and c discordant pairs: how likely a split at least this uneven is
@@ -74,6 +43,39 @@ def paired(res, mode):
                      "both": sum(x and y for x, y in zip(d, r)), "DIM only": b, "RDO only": c, "sign test p": sign_test(b, c)})
     return evaluate.table(rows)
 
+
+p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+p.add_argument("--model", default=QWEN)
+p.add_argument("--dim", default=DIM)
+p.add_argument("--rdo", nargs="+", default=["runs/bench/rdo_qwen/rdo.safetensors"], help="one or more rdo.py results")
+p.add_argument("--out", default="runs/bench/eval_qwen")
+p.add_argument("--n", type=int, default=32, help="held-out prompts per set (harmful: at most 96 remain)")
+p.add_argument("--n-harmless", type=int, default=None, help="harmless prompts (default: --n)")
+p.add_argument("--max-new-tokens", type=int, default=64)
+p.add_argument("--alphas", default="0 2 4 6.8355 8 10 12", help="induce sweep, refusal scores only (|DIM| = 6.8355); \"\": no sweep")
+p.add_argument("--modes", default="asr induce kl cosine")
+p.add_argument("--print-only", action="store_true", help="print the tables of the JSON files already in --out")
+args = p.parse_args()
+for path in (args.model, args.dim, *args.rdo):
+    if not os.path.exists(path):
+        sys.exit(f"{path} not found: run ../shared/scripts/get_test_models.py, bench/dim_qwen.py and bench/rdo_qwen.py first")
+
+harm, safe = held_out(args.n)[0], held_out(args.n_harmless or args.n)[1]  # the first N are the same prompts for any N
+os.makedirs(os.path.join(args.out, "data"), exist_ok=True)
+files = {k: os.path.join(args.out, "data", f"{k}.json") for k in ("harmful", "harmless")}
+for k, v in (("harmful", harm), ("harmless", safe)):
+    C.save_json(files[k], v)
+common = ["--model", args.model, "--direction", args.dim, *args.rdo, "--harmful", files["harmful"], "--harmless",
+          files["harmless"], "--n-val", str(max(len(harm), len(safe))), "--max-new-tokens", str(args.max_new_tokens),
+          "--out", args.out, "--overwrite"]
+seconds = {}
+for mode in [] if args.print_only else args.modes.split():
+    t0 = time.time()
+    evaluate.main([mode] + common)
+    if mode == "induce" and args.alphas.split():  # the alpha sweep by refusal score alone: one scoring pass per alpha, no generation
+        evaluate.main([mode] + common[:-2] + [os.path.join(args.out, "sweep"), "--overwrite", "--max-new-tokens", "0",
+                                              "--alphas", *args.alphas.split()])
+    seconds[mode] = time.time() - t0
 
 dm = C.load_result(args.dim)[1]
 print(f"\nQwen2.5-Coder-0.5B-Instruct; DIM (layer {dm['layer']}, alpha {dm['alpha']:.2f}) and RDO ({', '.join(args.rdo)}); "
