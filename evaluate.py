@@ -100,9 +100,10 @@ def load_directions(args, model):
         vec, meta = C.load_direction(path, model)
         vec = vec.float()
         label = meta.get("method") or os.path.splitext(os.path.basename(path))[0]
-        if label in [d["label"] for d in dirs]:  # e.g. two RDO runs: name them by their folders
+        taken = {d["label"] for d in dirs}
+        if label in taken:  # e.g. two RDO runs: name them by their folders
             label = f"{label} ({os.path.basename(os.path.dirname(os.path.abspath(path)))})"
-        if label in [d["label"] for d in dirs]:  # ... or, where those are alike too, by their paths
+        if label in taken:  # ... or, where those are alike too, by their paths
             label = f"{meta.get('method') or 'direction'} ({path})"
         alpha = meta.get("alpha") or (vec.norm().item() if vec.dim() == 1 else None)
         dirs.append({"label": label, "path": path, "vec": vec, "alpha": alpha if args.alpha is None else args.alpha,
