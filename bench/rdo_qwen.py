@@ -11,7 +11,7 @@ Needs bench/dim_qwen.py's result first (runs/bench/dim_qwen/selected/dim.safeten
   python bench/rdo_qwen.py [--n-train 256] [--lambda-ret 1.0] [--out runs/bench/rdo_qwen]
   python bench/rdo_qwen.py --n-train 512 --lambda-ret 2 --patience 10 --out runs/bench/rdo_qwen_512_ret2_p10  # the
       paper's targets: beats DIM at ablation (refusal and KL), not at addition
-  python bench/rdo_qwen.py --n-train 512 --lambda-ret 2 --patience 10 --judge-refusals --out runs/bench/rdo_qwen_judge
+  python bench/rdo_qwen.py --n-train 512 --lambda-ret 2 --patience 10 --judge-refusals --out runs/bench/rdo_qwen_512_ret2_p10_judge
       # the same with refusal targets that refuse: passes all three checks (README)
   python bench/rdo_qwen.py --out runs/bench/rdo_qwen --reselect --kl-threshold 0.02   # no training: choose
       again among that run's saved iterates with another KL bound (writes bench_rdo_qwen_kl0.02.json)
