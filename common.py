@@ -635,7 +635,7 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefau
         return super()._get_help_string(action)
 
 
-def add_common_args(parser, method, n_train=128, n_val=32, batch_size=32):
+def add_common_args(parser, method, n_train=128, n_val=32, batch_size=32, batch_what="prompts"):
     a = parser.add_argument
     a("--model", required=True, help="hub id, local model folder, or .gguf file")
     a("--device", default="auto", help="cuda, cpu, cuda:1, or multi (spread layers over all GPUs) "
@@ -650,7 +650,7 @@ def add_common_args(parser, method, n_train=128, n_val=32, batch_size=32):
     a("--harmless-val", default=None, help="separate harmless validation file (default: split off --harmless)")
     a("--n-train", type=int, default=n_train, help=f"training prompts per class (default: {n_train})")
     a("--n-val", type=int, default=n_val, help=f"validation prompts per class (default: {n_val})")
-    a("--batch-size", type=int, default=batch_size, help="prompts per forward pass" + (
+    a("--batch-size", type=int, default=batch_size, help=f"{batch_what} per forward pass" + (
       " (default: see the description above)" if batch_size is None else f" (default: {batch_size})"))
 
 

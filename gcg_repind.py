@@ -43,7 +43,7 @@ SHARE_GROUPS = {"cpu": 4}
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=C.HelpFormatter)
-    C.add_common_args(p, "gcg", batch_size=None)  # candidates per pass; None: see the docstring
+    C.add_common_args(p, "gcg", batch_size=None, batch_what="candidate suffixes")  # None: see the docstring
     a = p.add_argument
     a("--prompt", default=None, help="one instruction to attack (default: the first --n of --harmful-val, else of "
       "--harmful's held-out split)")

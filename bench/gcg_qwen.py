@@ -8,7 +8,8 @@ suffix (greedy, 64 tokens, substring judge). One suffix per prompt, at a reduced
 Prints per prompt: CE of the target with the 'x x x' suffix -> the found suffix, mean-over-layers cosine and the
 cosine at the DIM layer without a suffix -> with it, and whether the greedy completion still refuses.
 
-  python bench/gcg_qwen.py [--n 5] [--steps 20] [--search-width 64] [--topk 64] [--weights 1.0 0]
+  python bench/gcg_qwen.py [--n 5] [--steps 20] [--search-width 64] [--topk 64] [--weights 1.0]
+  python bench/gcg_qwen.py --weights 1.0 0      # plain GCG (weight 0) beside it
 """
 import argparse, json, os, sys, time
 

@@ -9,7 +9,7 @@ samples --n-dirs directions from each cone (fixed seed) and, for each, generates
   harmless refusal rate with alpha * r_hat added         (median and worst sample)
 beside the DIM direction and the unmodified model. Needs bench/dim_qwen.py's and bench/rdo_qwen.py's results first.
 
-  python bench/rco_qwen.py [--max-steps 8] [--n-dirs 64] [--reuse]
+  python bench/rco_qwen.py [--max-steps 6] [--n-dirs 64] [--reuse]
 """
 import argparse, os, sys, time
 
@@ -37,7 +37,7 @@ if not os.path.isfile(args.dim):
     sys.exit(f"{args.dim} not found: run bench/dim_qwen.py first")
 
 t0 = time.time()
-if not args.reuse:  # 256 pairs: the targets are those bench/rdo_qwen.py cached; max-steps uses 8 x 8 of them
+if not args.reuse:  # 256 pairs: the targets are those bench/rdo_qwen.py cached; --max-steps 6 uses 6 x 8 of them
     rco.main(["--model", QWEN, "--dim", args.dim, *split_args(), "--n-train", "256",
               "--n-val", "32", "--min-dim", "2", "--max-dim", "3", "--max-steps", str(args.max_steps),
               "--effective-batch", str(args.effective_batch), "--samples", str(args.samples), "--select-last", "3",

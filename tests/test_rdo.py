@@ -200,6 +200,13 @@ def test_resume_reaches_the_same_direction(setup):
     assert full["iterates"].norm(dim=1).sub(1).abs().max() < 1e-5
     assert [h["loss"] for h in meta_part["history"]] == pytest.approx([h["loss"] for h in meta_full["history"]], rel=1e-6)
 
+    # --max-steps is not part of the resume key: a run cut short resumes further, to the uninterrupted run's end
+    with interrupted_at_call(rdo, "plateau_step", 2):
+        rdo.main(base + ["--out", str(tmp / "short"), "--max-steps", "2"])
+    rdo.main(base + ["--out", str(tmp / "short"), "--resume"])
+    longer, _ = C.load_result(str(tmp / "short" / "rdo.safetensors"))
+    torch.testing.assert_close(longer["iterates"], full["iterates"], rtol=0, atol=1e-6)
+
 
 def test_authors_optimizer_settings_are_used_recorded_and_part_of_the_run(setup, monkeypatch):
     base, tmp, _ = setup
