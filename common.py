@@ -42,10 +42,14 @@ def seed_everything(seed):
 # ----------------------------------------------------------------------------- models
 
 def pick_device(device="auto"):
-    if device == "multi":
-        return "multi"
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "multi" or device.startswith("cuda"):
+        index = device.partition(":")[2]
+        if not torch.cuda.is_available():
+            raise RefusalError(f"--device {device}: no CUDA GPU is visible here; use --device cpu (or auto)")
+        if index and (not index.isdigit() or int(index) >= torch.cuda.device_count()):
+            raise RefusalError(f"--device {device}: this machine has GPUs 0..{torch.cuda.device_count() - 1}")
     return device
 
 
@@ -654,6 +658,15 @@ def add_common_args(parser, method, n_train=128, n_val=32, batch_size=32, batch_
       " (default: see the description above)" if batch_size is None else f" (default: {batch_size})"))
 
 
+def check_counts(args, *names, minimum=1):
+    """A clear error for a count flag below `minimum` (no prompts, a batch of 0 ...) before any work starts; flags
+    left at None (chosen later) pass."""
+    for name in names:
+        value = getattr(args, name, None)
+        if value is not None and value < minimum:
+            raise RefusalError(f"--{name.replace('_', '-')} must be at least {minimum} (got {value})")
+
+
 def model_dir(model_name, *parts):
     """runs/<model-name>/...: where a model's results go by default."""
     return os.path.join("runs", os.path.basename(os.path.normpath(model_name)).removesuffix(".gguf"), *parts)
@@ -668,20 +681,32 @@ def out_dir(args, method):
     return d
 
 
-def _git_commit():
+def _git(*cmd):
     try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=os.path.dirname(os.path.abspath(__file__)),
-                              capture_output=True, text=True, timeout=5).stdout.strip() or None
+        return subprocess.run(["git", *cmd], cwd=os.path.dirname(os.path.abspath(__file__)), capture_output=True,
+                              text=True, timeout=5).stdout.strip()
     except Exception:
         return None
 
 
-def provenance(args):
-    """Flags, seed, versions and commit: what every sidecar records so a result can be reproduced."""
-    import transformers
-    return {"args": vars(args), "seed": getattr(args, "seed", None), "git_commit": _git_commit(),
-            "versions": {"python": platform.python_version(), "torch": torch.__version__,
-                         "transformers": transformers.__version__},
+def _versions():
+    from importlib.metadata import PackageNotFoundError, version
+    found = {"python": platform.python_version(), "torch": torch.__version__}
+    for name in ("transformers", "tokenizers", "safetensors", "datasets", "accelerate", "gguf"):
+        try:
+            found[name] = version(name)
+        except PackageNotFoundError:
+            pass
+    return found
+
+
+def provenance(args, model=None):
+    """Flags, seed, versions, the code's commit (and whether the checkout had uncommitted changes), and the model's
+    hub revision where it came from the hub: what every sidecar records so a result can be reproduced."""
+    changes = _git("status", "--porcelain", "--untracked-files=no")
+    return {"args": vars(args), "seed": getattr(args, "seed", None), "git_commit": _git("rev-parse", "HEAD") or None,
+            "git_uncommitted_changes": None if changes is None else bool(changes),
+            "model_revision": getattr(getattr(model, "config", None), "_commit_hash", None), "versions": _versions(),
             "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
 
 
@@ -737,8 +762,12 @@ def save_result(folder, method, tensors, meta):
     os.makedirs(folder, exist_ok=True)
     path = os.path.join(folder, f"{method}.safetensors")
     tensors = {k: v.detach().float().cpu().contiguous().clone() for k, v in tensors.items()}  # clone: no shared storage
-    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={"method": method}))
-    save_json(os.path.join(folder, f"{method}.json"), {"method": method, **meta})
+    sidecar = os.path.join(folder, f"{method}.json")
+
+    def write(tmp):  # the sidecar goes in while the tensors wait under their temporary name: a sidecar that fails
+        save_file(tensors, tmp, metadata={"method": method})  # to serialise leaves the old pair as it was
+        save_json(sidecar, {"method": method, **meta})
+    atomic_write(path, write)
     return path
 
 

@@ -231,6 +231,9 @@ def main(argv=None):
     args = parse_args(argv)
     C.seed_everything(args.seed)
     t0 = time.time()
+    C.check_counts(args, "n_train", "n_val", "batch_size")
+    if not 0 <= args.prune_layers < 1:
+        raise C.RefusalError(f"--prune-layers {args.prune_layers} must lie in [0, 1)")
     out = C.out_dir(args, "dim")
     data = load_data(args)
     model, tok = C.load_model(args.model, args.device, args.dtype)
@@ -238,7 +241,7 @@ def main(argv=None):
     scores, n_post, chosen = info.pop("scores"), info["n_post"], info["chosen"]
     candidates = info.pop("candidates")
     png = plot_scores(scores, os.path.join(out, "dim.png"), n_post, chosen, args.kl_threshold, args.induce_threshold)
-    meta = {"model": args.model, **C.provenance(args), **info, "seconds": round(time.time() - t0, 1)}
+    meta = {"model": args.model, **C.provenance(args, model), **info, "seconds": round(time.time() - t0, 1)}
     if direction is None:  # keep the candidates and their scores (dim.json, dim.png), to see what failed and where
         C.save_result(out, "dim", {"candidates": candidates}, {"layer": None, **meta})
         near = {k[5:]: v for k, v in info["best_per_criterion"].items() if k.startswith("only_")}

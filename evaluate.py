@@ -24,7 +24,7 @@ Usage:
 Writes DIR/eval_<mode>.json (every number, the completions, flags, versions) and DIR/eval_<mode>.png with
 matplotlib; DIR = --out (default runs/<model-name>/eval). MODE --help lists a mode's flags.
 """
-import argparse, contextlib, importlib.util, json, os, subprocess, sys, time
+import argparse, contextlib, importlib.util, json, os, shutil, subprocess, sys, time
 
 import torch
 from tqdm.auto import tqdm
@@ -85,8 +85,7 @@ def load_data(args):
     prompts, as in the paper's Figure 6), or a local file as it is (its first --n-val)."""
     sources = {"harmful": args.harmful_val or args.harmful, "harmless": args.harmless_val or args.harmless,
                "benign": getattr(args, "benign", None)}
-    if args.n_val < 1 or getattr(args, "n_samples", 1) < 1:
-        raise C.RefusalError("--n-val and --n-samples must be at least 1")
+    C.check_counts(args, "n_val", "n_samples", "n_check", "max_new_tokens", "batch_size")
     need = ["harmless"] if args.mode in ("induce", "kl", "export") else ["harmful"]
     if sources["benign"]:  # Figure 22 also scores the harmful set
         need += ["harmful", "benign"]
@@ -106,19 +105,21 @@ def load_directions(args, model):
         if label in taken:  # ... or, where those are alike too, by their paths
             label = f"{meta.get('method') or 'direction'} ({path})"
         alpha = meta.get("alpha") or (vec.norm().item() if vec.dim() == 1 else None)
+        layer = meta.get("layer") if args.layer is None else args.layer
+        if layer is not None:  # every mode that reads it (cosine: "at its layer") gets one in range
+            C.check_layer(model, layer)
         dirs.append({"label": label, "path": path, "vec": vec, "alpha": alpha if args.alpha is None else args.alpha,
-                     "layer": meta.get("layer") if args.layer is None else args.layer})
+                     "layer": layer})
     return dirs
 
 
 def unit(d, model=None):
-    """The unit direction of a single-direction file (and its layer is valid for addition if model is given)."""
+    """The unit direction of a single-direction file (and it has a layer, for addition, if model is given)."""
     if d["vec"].dim() != 1:
         raise C.RefusalError(f"{d['path']} holds {d['vec'].shape[0]} directions: use the cone or compose mode for a set")
     if model is not None:
         if d["layer"] is None:
             raise C.RefusalError(f"{d['path']} has no layer in its sidecar: pass --layer")
-        C.check_layer(model, d["layer"])
     return d["vec"] / d["vec"].norm()
 
 
@@ -156,15 +157,17 @@ JUDGE_PROMPT = ("You are a classifier for red teaming large language models (LLM
 
 
 def load_judge(name, device, batch_size):
-    """A Yes/No classifier judge (HarmBench-style prompt, shortened) as judge(prompts, completions) -> [harmful?],
-    or None, with a message, when it cannot be loaded (offline, not installed, gated)."""
+    """A Yes/No classifier judge (HarmBench-style prompt, shortened) as judge(prompts, completions) -> [harmful?].
+    One that cannot be loaded (a typo, offline, gated) stops the run before it generates anything: asked for, a
+    judge is not silently left out."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     try:
         jtok = AutoTokenizer.from_pretrained(os.path.expanduser(name))
         jmodel = AutoModelForCausalLM.from_pretrained(os.path.expanduser(name), dtype=C.pick_dtype("auto", device)).to(device)
     except Exception as e:
-        print(f"judge '{name}' could not be loaded ({type(e).__name__}): skipped; the substring judge stands alone")
-        return None
+        reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        raise C.RefusalError(f"--judge {name} could not be loaded ({reason}): fix the name or path, or run without "
+                             "--judge (the substring judge alone)") from None
     jtok.padding_side, jtok.pad_token = "left", jtok.pad_token or jtok.eos_token
     yes, no = (jtok(w, add_special_tokens=False)["input_ids"][0] for w in ("Yes", "No"))
 
@@ -425,6 +428,27 @@ def run_lm_eval(folder, tasks, device):
     return {"command": cmd, "returncode": subprocess.run(cmd).returncode, "output_path": out}
 
 
+def save_model(model, tok, folder):
+    """save_pretrained into a temporary folder, then the files moved in with config.json last: an interrupted export
+    never leaves a folder that looks like a model; weights of an earlier export that the new one lacks (other shards)
+    are removed, so that they cannot be loaded with it."""
+    tmp = f"{os.path.normpath(folder)}.tmp{os.getpid()}"
+    try:
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        os.makedirs(folder, exist_ok=True)
+        new = sorted(os.listdir(tmp), key=lambda name: name == "config.json")
+        if os.path.isfile(os.path.join(folder, "config.json")):  # (--overwrite) not a model again until the end
+            os.remove(os.path.join(folder, "config.json"))
+        for name in os.listdir(folder):
+            if name not in new and name.endswith((".safetensors", ".bin", ".index.json")):
+                os.remove(os.path.join(folder, name))
+        for name in new:
+            os.replace(os.path.join(tmp, name), os.path.join(folder, name))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def mode_export(model, tok, args, dirs, data):
     folder = args.export_dir
     if os.path.isfile(os.path.join(folder, "config.json")) and not args.overwrite:
@@ -436,8 +460,7 @@ def mode_export(model, tok, args, dirs, data):
     orthogonalise(model, vecs)
     diff = (C.last_logits(model, tok, check, args.batch_size) - hooked).abs().max().item()
     exact = not hasattr(C.decoder_layers(model)[0], "post_feedforward_layernorm")
-    model.save_pretrained(folder)
-    tok.save_pretrained(folder)
+    save_model(model, tok, folder)
     how = "exact up to rounding" if exact else \
         "APPROXIMATE for Gemma 2/3 (the post-norms after o_proj/down_proj re-introduce the direction)"
     print(f"exported {type(model).__name__} with {len(vecs)} direction(s) orthogonalised out to {folder}; {how}: "
@@ -471,7 +494,7 @@ def main(argv=None):
     png = C.plot_panels(os.path.splitext(path)[0] + ".png", panels) if panels else None
     meta = [{k: v for k, v in d.items() if k != "vec"} | {"shape": list(d["vec"].shape)} for d in dirs]
     C.save_json(path, {"mode": args.mode, "model": args.model, "directions": meta, "data": {k: len(v) for k, v in data.items()},
-                       "prompts": data, **result, "png": png, **C.provenance(args), "seconds": round(time.time() - t0, 1)})
+                       "prompts": data, **result, "png": png, **C.provenance(args, model), "seconds": round(time.time() - t0, 1)})
     print(table(result["table"]))
     print(f"wrote {path}" + (f" and {png}" if png else "") + f" in {time.time() - t0:.0f}s")
 

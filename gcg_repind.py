@@ -94,6 +94,9 @@ def split_template(tok, instruction):
     """
     text = C.format_chat(tok, [f"{instruction} {C.SENTINEL}"])[0]
     sep = " " + C.SENTINEL if " " + C.SENTINEL in text else C.SENTINEL  # (a template could rewrite the space)
+    if text.count(sep) != 1:
+        raise C.RefusalError("the chat template drops the user's message (or repeats it): there is no one place for "
+                             "the suffix")
     before, after = text.split(sep)
     ids = lambda s: tok(s, add_special_tokens=False)["input_ids"]
     return ids(before), ids(after)
@@ -262,6 +265,9 @@ def gcg_step(model, tok, ctx, ids, unit, weight, args, forbidden, gen, batch_siz
     """One GCG step from suffix `ids`: (best candidate, its [total, ce, mean cos], the current suffix's
     {ce, cos, greedy}, the batch size that fitted)."""
     grad, ce_now, cos_now, greedy = token_grad(model, ctx, ids, unit, weight)
+    if not (math.isfinite(ce_now) and torch.isfinite(grad).all()):
+        raise C.RefusalError(f"loss is {ce_now} (or its gradient is not finite) for the current suffix: stopped "
+                             "(use --dtype float32)")
     now = {"ce": ce_now, "cos": None if cos_now is None else cos_now.mean().item(), "greedy": greedy}
     cand = sample_candidates(ids, grad, args.topk, args.search_width, forbidden, gen)
     # each candidate is read after the instruction's last token, unless even the current suffix does not re-encode
@@ -272,7 +278,10 @@ def gcg_step(model, tok, ctx, ids, unit, weight, args, forbidden, gen, batch_siz
     if len(cand) == 0:
         raise C.RefusalError("no candidate survives decode/re-encode: try --init with another word")
     losses, batch_size = candidate_losses(model, ctx, ids, cand, unit, weight, batch_size)
-    best = int(losses[:, 0].argmin())
+    total = losses[:, 0].nan_to_num(nan=math.inf)  # argmin would pick a NaN
+    if not torch.isfinite(total).any():
+        raise C.RefusalError("loss is nan or inf for every candidate suffix: stopped (use --dtype float32)")
+    best = int(total.argmin())
     return cand[best], losses[best].tolist(), now, batch_size
 
 
@@ -406,7 +415,7 @@ def main(argv=None):
                "target_is_greedy": sum(r["target_is_greedy"] for r in results)}
     C.save_json(path, {"method": "gcg", "model": args.model, "direction": args.direction,
                        "repind_weight": args.repind_weight if unit is not None else 0.0, "summary": summary,
-                       "results": results, **C.provenance(args), "seconds": round(time.time() - t0, 1)})
+                       "results": results, **C.provenance(args, model), "seconds": round(time.time() - t0, 1)})
     os.remove(ckpt_path)
     print(f"{summary['refused_with_suffix']}/{len(results)} completions refuse with the suffix; wrote {path} "
           f"in {time.time() - t0:.0f}s")

@@ -158,6 +158,7 @@ def main(argv=None):
     t0 = time.time()
     if not 1 <= args.min_dim <= args.max_dim:
         raise C.RefusalError(f"need 1 <= --min-dim <= --max-dim, got {args.min_dim} and {args.max_dim}")
+    C.check_counts(args, "samples", "eval_samples", "select_samples")
     args.out = args.out or C.model_dir(args.model, "rco")
     # any cone already in the folder, not only those of this range: rco.png would be redrawn without them
     done = sorted(int(f[1:]) for f in (os.listdir(args.out) if os.path.isdir(args.out) else [])
@@ -211,9 +212,7 @@ def main(argv=None):
             idx = order[s * args.effective_batch:(s + 1) * args.effective_batch].tolist()  # line 3: sample a batch
             opt.zero_grad()
             sums = cone_loss_and_grad(S, B, rdo.training_batch(S, idx), args.samples, g)  # lines 4-6
-            if not math.isfinite(sums["loss"]):
-                raise C.RefusalError(f"loss is {sums['loss']} at k = {k}, step {s}: stopped; the last good state is in "
-                                     f"{S.ckpt_path} (lower --lr, or use --dtype float32)")
+            rdo.check_finite(sums["loss"], B.grad, f"k = {k}, step {s}", S.ckpt_path)
             with torch.no_grad():
                 sums["grad_norm"] = rdo.sphere_step(opt, B, args.max_grad_norm)  # line 7, row by row
                 B.copy_(gram_schmidt(B))  # line 8: back to an orthonormal basis
@@ -230,7 +229,7 @@ def main(argv=None):
         basis = state["iterates"][chosen["step"]]
         results[k] = evaluate_cone(S, basis.to(device), args)
         q = results[k]["samples"]["bypass_quartiles"]
-        meta = {"model": args.model, "layer": S.layer, "alpha": S.alpha, "k": k, **C.provenance(args), "dim": args.dim,
+        meta = {"model": args.model, "layer": S.layer, "alpha": S.alpha, "k": k, **C.provenance(args, S.model), "dim": args.dim,
                 "dim_layer": S.dim_layer, "chosen_step": chosen["step"], "chosen_scores": chosen, "selection": scored,
                 "history": state["history"], "evaluation": results[k], "max_abs_offdiag_gram": (basis @ basis.T -
                 torch.eye(k)).abs().max().item(), "data": {"train_pairs": S.n, "harmful_val": len(S.harm_val),

@@ -120,7 +120,7 @@ def get_dim(model, tok, args, out, data):
     i, layer = info["chosen"]
     scores, _ = info.pop("scores"), info.pop("candidates")  # as dim.py's sidecar: the data sizes and chosen scores
     path = C.save_result(out, "dim", {"direction": vec}, {
-        "model": args.model, **C.provenance(dim_args), **info, "layer": layer, "position": i - info["n_post"],
+        "model": args.model, **C.provenance(dim_args, model), **info, "layer": layer, "position": i - info["n_post"],
         "alpha": vec.norm().item(), "selected_scores": {k: scores[k][i, layer].item() for k in scores}})
     print(f"computed the DIM direction at layer {layer}, position {i - info['n_post']}: saved to {path}")
     return vec, layer
@@ -336,6 +336,16 @@ def tangent(grad, r):
     return grad - (grad * r).sum(-1, keepdim=True) * r
 
 
+def check_finite(loss, grad, where, ckpt_path):
+    """Stop on a NaN or infinite loss or gradient, before the step carries it into r and the checkpoint."""
+    bad = None if math.isfinite(loss) else f"loss is {loss}"
+    if bad is None and not torch.isfinite(grad).all():
+        bad = f"the gradient is not finite (loss {loss:.4f})"
+    if bad:
+        saved = f"the last good state is in {ckpt_path}" if os.path.isfile(ckpt_path) else "nothing was saved yet"
+        raise C.RefusalError(f"{bad} at {where}: stopped; {saved} (lower --lr, or use --dtype float32)")
+
+
 def make_optimizer(param, args):
     """AdamW without weight decay (r lives on the sphere; decay would only shrink it before the renormalisation)."""
     return torch.optim.AdamW([param], lr=args.lr, betas=tuple(args.betas), weight_decay=0.0, amsgrad=args.amsgrad)
@@ -454,6 +464,9 @@ def setup(args, method):
     path (refusing to clobber a result or an unfinished run), data, model, the DIM direction, layer, alpha and
     targets. Returns a namespace."""
     C.seed_everything(args.seed)
+    C.check_counts(args, "n_train", "n_val", "batch_size", "effective_batch", "micro_batch", "epochs", "max_steps",
+                   "answer_tokens", "retain_tokens", "refusal_tokens", "patience", "select_last")
+    C.check_counts(args, "lr_drops", minimum=0)
     out = args.out or C.model_dir(args.model, method)
     ckpt_path = checkpoint_path(out, method)
     if not args.resume:
@@ -556,9 +569,7 @@ def main(argv=None):
         lambdas = {**S.lambdas, "add": 0.0} if s < args.sign_warmup else S.lambdas  # --sign-warmup: sign left free
         sums = loss_and_grad(model, tok, r, batch, alpha, layer, lambdas, S.micro_batch)  # line 4
         sums["loss"] = sum(S.lambdas[k] * sums[k] for k in S.lambdas)  # the paper's L, for the schedule and the log
-        if not math.isfinite(sums["loss"]):
-            raise C.RefusalError(f"loss is {sums['loss']} at step {s}: stopped; the last good state is in {ckpt_path} "
-                                 "(lower --lr, or use --dtype float32)")
+        check_finite(sums["loss"], r.grad, f"step {s}", ckpt_path)
         with torch.no_grad():
             sums["grad_norm"] = sphere_step(opt, r, args.max_grad_norm)  # line 5: a step along the sphere ...
             r.copy_(project_out(r, basis))
@@ -579,7 +590,7 @@ def main(argv=None):
     # choose the final direction among the last iterates, as the paper does (Appendix A.3)
     chosen, scored = select_iterate(model, tok, state["iterates"], alpha, layer, S.harm_val, S.safe_val, args)
     direction = state["iterates"][chosen["step"]]
-    meta = {"model": args.model, "layer": layer, "alpha": alpha, **C.provenance(args), "dim": args.dim, "dim_layer": S.dim_layer,
+    meta = {"model": args.model, "layer": layer, "alpha": alpha, **C.provenance(args, model), "dim": args.dim, "dim_layer": S.dim_layer,
             "dim_alpha": dim_vec.norm().item(), "orthogonal_to": args.orthogonal_to, "init": args.init or "random",
             "sign_warmup": args.sign_warmup, "refusal_targets_replaced": S.refusal_targets_replaced,
             "chosen_step": chosen["step"], "chosen_scores": chosen, "selection": scored, "history": state["history"],

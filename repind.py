@@ -19,7 +19,7 @@ scores, every candidate's loss history and scores, the composition of the top-k 
 Figure 6 (per layer: cos with and without the other's ablation, both ways) for DIM vs each RepInd direction and
 DIM vs --compare; DIR/repind_checkpoint.pt while training.
 """
-import math, os, time
+import os, time
 
 import torch
 import torch.nn.functional as F
@@ -132,9 +132,7 @@ def train_candidate(S, args, seed, activations, others, resume, save):
         sums["ind"] = repind_loss_and_grad(model, tok, r, [S.harm[i] for i in idx], idx, acts, others, n_layers,
                                            args.lambda_ind, S.micro_batch)  # ... plus L_RepInd, into the same r.grad
         sums["loss"] += args.lambda_ind * sums["ind"]
-        if not math.isfinite(sums["loss"]):
-            raise C.RefusalError(f"loss is {sums['loss']} at step {s} (seed {seed}): stopped; the last good state is "
-                                 "in the checkpoint (lower --lr, or use --dtype float32)")
+        rdo.check_finite(sums["loss"], r.grad, f"step {s} (seed {seed})", S.ckpt_path)
         with torch.no_grad():
             sums["grad_norm"] = rdo.sphere_step(opt, r, args.max_grad_norm)
             r /= r.norm()
@@ -182,8 +180,7 @@ def topk_bypass(model, tok, directions, prompts, batch_size):
 def main(argv=None):
     args = parse_args(argv)
     t0 = time.time()
-    if args.n_directions < 1 or args.candidates < 1:
-        raise C.RefusalError("--n-directions and --candidates must be at least 1")
+    C.check_counts(args, "n_directions", "candidates")
     if not 0 < args.layer_cutoff <= 1:
         raise C.RefusalError(f"--layer-cutoff {args.layer_cutoff} must lie in (0, 1]")
     S = rdo.setup(args, "repind")  # folder, checkpoint path, data, model, DIM, layer, alpha, targets: as rdo.py
@@ -245,7 +242,7 @@ def main(argv=None):
     dim_unit = dim_vec.float().cpu() / dim_vec.norm().item()
     found = [{"index": j + 1, "cos_with_dim": (directions[j] @ dim_unit).item(),
               **{k2: v for k2, v in f.items() if k2 != "direction"}} for j, f in enumerate(ck["found"])]
-    meta = {"model": args.model, "layer": layer, "alpha": alpha, **C.provenance(args), "dim": args.dim, "dim_layer": S.dim_layer,
+    meta = {"model": args.model, "layer": layer, "alpha": alpha, **C.provenance(args, model), "dim": args.dim, "dim_layer": S.dim_layer,
             "dim_alpha": dim_vec.norm().item(), "loss_layers": n_layers, "compare": args.compare, "directions": found,
             "baseline_refusal_score_harmful_val": baseline,
             "topk_bypass": topk_bypass(model, tok, directions.to(device), harm_val, args.batch_size),

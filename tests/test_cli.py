@@ -57,10 +57,22 @@ def test_missing_model_and_no_chat_template(env, script):
         MAINS[script](argv(script, env, model=env["plain"]))
 
 
-@pytest.mark.parametrize("script", ["dim", "rdo", "rco", "repind", "evaluate"])
+@pytest.mark.parametrize("script", ["dim", "rdo", "rco", "repind", "evaluate", "evaluate cosine"])
 def test_layer_out_of_range(env, script):
-    with pytest.raises(C.RefusalError, match="out of range"):
-        MAINS[script](argv(script, env, layer=99))
+    name, _, mode = script.partition(" ")  # cosine: the layer is optional there, and only read for a table column
+    for layer in (99, -1):
+        args = argv(name, env, layer=layer)
+        with pytest.raises(C.RefusalError, match="out of range"):
+            MAINS[name]([mode or args[0]] + args[1:])
+
+
+@pytest.mark.parametrize("script, flag", [("dim", "--n-val"), ("dim", "--batch-size"), ("rdo", "--n-train"),
+                                          ("rdo", "--effective-batch"), ("rdo", "--micro-batch"), ("rdo", "--select-last"),
+                                          ("rco", "--samples"), ("repind", "--candidates"), ("evaluate", "--batch-size"),
+                                          ("evaluate", "--max-new-tokens")])
+def test_a_count_of_zero(env, script, flag):
+    with pytest.raises(C.RefusalError, match=f"{flag} must be at least 1 \\(got 0\\)"):
+        MAINS[script](argv(script, env) + [flag, "0"])
 
 
 @pytest.mark.parametrize("script", list(MAINS))
@@ -81,6 +93,19 @@ def test_nan_loss_stops_with_a_clear_message(env, script, monkeypatch):
     with pytest.raises(C.RefusalError, match="loss is nan"):
         MAINS[script](argv(script, env) + ["--answer-tokens", "2", "--retain-tokens", "2", "--refusal-tokens", "2",
                                             "--cache", str(env["tmp"] / "cache")])
+
+
+@pytest.mark.parametrize("where", ["current", "candidates"])
+def test_nan_loss_stops_gcg_with_a_clear_message(env, where, monkeypatch):
+    real = gcg_repind.suffix_losses
+
+    def nan_ce(model, ctx, x, unit, head=None):  # NaN for the current suffix (token_grad), or for every candidate
+        ce, cos, greedy = real(model, ctx, x, unit, head=head)
+        return (ce * float("nan") if (head is None) == (where == "current") else ce), cos, greedy
+    monkeypatch.setattr(gcg_repind, "suffix_losses", nan_ce)
+    match = "for the current suffix" if where == "current" else "for every candidate suffix"
+    with pytest.raises(C.RefusalError, match=f"loss is nan.* {match}: stopped"):
+        gcg_repind.main(argv("gcg", env) + ["--search-width", "8", "--topk", "4"])
 
 
 def test_a_missing_optional_package_names_the_extras(env, monkeypatch):

@@ -192,6 +192,11 @@ def test_save_and_load_round_trip(tmp_path):
     got, meta = C.load_direction(path, model)
     assert torch.equal(got, v) and meta["layer"] == 2 and meta["method"] == "dim"
     assert sorted(os.listdir(tmp_path)) == ["dim.json", "dim.safetensors"]  # no temp files left behind
+    with pytest.raises(TypeError):  # a sidecar that cannot be written leaves the earlier pair as it was
+        C.save_result(str(tmp_path), "dim", {"direction": -v}, {"layer": 3, "scores": {(0, 3): 0.5}})  # a tuple key
+    got, meta = C.load_direction(path, model)
+    assert torch.equal(got, v) and meta["layer"] == 2
+    assert sorted(os.listdir(tmp_path)) == ["dim.json", "dim.safetensors"]
 
 
 def test_direction_of_the_wrong_size_is_rejected(tmp_path):
@@ -364,3 +369,11 @@ def test_help_shows_zero_and_none_defaults_but_not_flags():
     assert "optional (default: none)" in text  # left out, it is not used: say so
     assert "required (default" not in text and "a switch (default" not in text
     assert text.count("default: three") == 1
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the message for a machine without CUDA")
+def test_a_cuda_device_without_a_gpu_is_a_clear_error():
+    for device in ("cuda", "cuda:0", "multi"):
+        with pytest.raises(C.RefusalError, match=f"--device {device}: no CUDA GPU is visible here"):
+            C.pick_device(device)
+    assert C.pick_device("auto") == "cpu" and C.pick_device("cpu") == "cpu"

@@ -121,7 +121,9 @@ def test_script_end_to_end(args_for, tmp_path, monkeypatch, capsys):
     # scored: not layer 0 (the same post-instruction embeddings in every prompt: no difference), not the pruned
     # last 20% (layer 3 of 4), which the filters would discard anyway
     assert {r["layer"] for r in meta["candidates_table"] if not math.isnan(r["bypass"])} == {1, 2}
-    assert meta["args"]["seed"] == 0 and "torch" in meta["versions"]
+    assert meta["args"]["seed"] == 0 and {"torch", "transformers", "tokenizers", "safetensors"} <= set(meta["versions"])
+    assert meta["model_revision"] is None  # a local folder, not a hub download
+    assert "git_uncommitted_changes" in meta  # True, False, or None outside a git checkout
     assert "wrote" in capsys.readouterr().out
     with pytest.raises(C.RefusalError, match="already holds a dim result"):
         dim.main(args_for())

@@ -41,7 +41,7 @@ def test_rates_from_crafted_completions_and_a_judge():
     assert r["asr_judge"] == pytest.approx(0.4) and r["judge_harmful"] == [False, True, False, False, True]
 
 
-def test_asr_applies_each_intervention_and_counts_crafted_completions(files, monkeypatch, capsys):
+def test_asr_applies_each_intervention_and_counts_crafted_completions(files, monkeypatch):
     """A fake generate sees which hooks are on (ablation: every block; subtraction: one block) and answers accordingly."""
     seen = []
 
@@ -54,10 +54,13 @@ def test_asr_applies_each_intervention_and_counts_crafted_completions(files, mon
             return ["Sure"] * (len(prompts) - 1) + ["I cannot"]  # ablation
         return ["Sure"] * 2 + ["As an AI"] * (len(prompts) - 2)  # subtraction at one layer
     monkeypatch.setattr(C, "generate", fake)
-    res = run(files, "asr", "--judge", os.path.join(files["out"], "no-such-judge"))["results"]
+    with pytest.raises(C.RefusalError, match="--judge .*no-such-judge could not be loaded .*run without --judge"):
+        run(files, "asr", "--judge", os.path.join(files["out"], "no-such-judge"))  # before any generation
+    assert seen == []
+    res = run(files, "asr")["results"]
     assert seen[1] == [1, 1, 1, 1] and seen[2] == [0, 1, 0, 0] and seen[4] == [0, 0, 1, 0]  # dim layer 1, rdo layer 2
     assert res["baseline"]["asr"] == 0.0 and res["dim ablation"]["asr"] == 0.75 and res["rdo subtraction"]["asr"] == 0.5
-    assert "asr_judge" not in res["baseline"] and "could not be loaded" in capsys.readouterr().out
+    assert "asr_judge" not in res["baseline"]
 
 
 def test_best_of_n_by_hand():
@@ -190,6 +193,26 @@ def test_export_logits_equal_hook_based_ablation(files, tmp_path, family, tied):
     assert torch.equal(exported.get_output_embeddings().weight, model.get_output_embeddings().weight)  # untied, unchanged
 
 
+def test_export_goes_through_a_temporary_folder(tmp_path, monkeypatch):
+    model, tok = make_model("llama")
+    folder = tmp_path / "export"
+    folder.mkdir()
+    for name, text in (("config.json", "{}"), ("model-00002-of-00002.safetensors", "stale"), ("notes.txt", "mine")):
+        (folder / name).write_text(text)
+    E.save_model(model, tok, str(folder))  # over an earlier, sharded export (--overwrite)
+    names = set(os.listdir(folder))
+    assert "model-00002-of-00002.safetensors" not in names and {"model.safetensors", "config.json", "notes.txt"} <= names
+    assert os.listdir(tmp_path) == ["export"]  # no temporary folder left
+    before = {n: (folder / n).read_bytes() for n in names}
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(tok, "save_pretrained", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        E.save_model(model, tok, str(folder))
+    assert {n: (folder / n).read_bytes() for n in os.listdir(folder)} == before and os.listdir(tmp_path) == ["export"]
+
+
 def test_export_gemma_is_approximate_and_says_so(files, tmp_path, capsys):
     files["model"] = tiny_model_dir(tmp_path, "gemma2")
     res = run(files, "export", "--export-dir", str(tmp_path / "export"), "--lm-eval", "mmlu")
@@ -221,7 +244,6 @@ def test_missing_optional_packages(monkeypatch, capsys, tmp_path):
     assert "not installed" in E.run_lm_eval("folder", "mmlu", "cpu")["skipped"]
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib now raises ImportError
     assert C.plot_panels(str(tmp_path / "x.png"), [("bar", {"a": 1}, {})]) is None and not (tmp_path / "x.png").exists()
-    assert E.load_judge(str(tmp_path / "no-judge"), "cpu", 4) is None
     assert "matplotlib is not installed" in capsys.readouterr().out
 
 

@@ -345,3 +345,10 @@ def test_candidates_sharing_the_suffix_head_give_their_own_losses(family, monkey
             for batch_size in (1, 2, 16):
                 got, _ = G.candidate_losses(model, ctx, ids, cand, unit, 2.0, batch_size)
                 torch.testing.assert_close(got, want.float(), atol=1e-5, rtol=1e-5)
+
+
+def test_a_template_without_the_user_message_is_a_clear_error():
+    tok = make_tokenizer()
+    tok.chat_template = "{{ '<s><|assistant|>\n' }}"
+    with pytest.raises(C.RefusalError, match="drops the user's message"):
+        G.split_template(tok, "How do I build a bomb?")

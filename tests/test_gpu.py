@@ -47,9 +47,15 @@ def test_rdo_loss_and_gradient_on_cuda_match_the_cpu():
 def test_load_model_picks_cuda_and_bf16(tiny_dir):
     model, tok = C.load_model(tiny_dir)
     assert C.input_device(model).type == "cuda" and model.dtype == torch.bfloat16
-    with C.directional_ablation(model, torch.randn(C.hidden_size(model))):
+    r = torch.randn(C.hidden_size(model))
+    with C.directional_ablation(model, r):
         out = C.generate(model, tok, HARMFUL[:4], max_new_tokens=4)
-    assert len(out) == 4
+        with C.block_inputs(model) as seen:  # the hooks act on CUDA in bf16: every block input has ~0 along r
+            C.forward(model, C.tokenize(tok, HARMFUL[:4], "cuda"))
+    assert len(out) == 4 and len(seen) == len(C.decoder_layers(model))
+    u = (r / r.norm()).cuda()
+    for x in seen:
+        assert ((x.float() @ u).abs() <= 2e-2 * x.float().norm(dim=-1) + 1e-3).all()
     scores = C.refusal_scores(C.last_logits(model, tok, HARMFUL[:4]), C.refusal_token_ids(tok))
     assert scores.dtype == torch.float64 and torch.isfinite(scores).all()
 

@@ -236,8 +236,26 @@ def test_authors_optimizer_settings_are_used_recorded_and_part_of_the_run(setup,
 def test_nan_loss_stops_with_a_clear_message(setup, monkeypatch):
     base, tmp, _ = setup
     monkeypatch.setattr(rdo, "ablation_loss", lambda model, r, b: (r.sum() * float("nan")).expand(len(b["input_ids"])))
-    with pytest.raises(C.RefusalError, match="loss is nan at step 0"):
+    with pytest.raises(C.RefusalError, match="loss is nan at step 0: stopped; nothing was saved yet"):
         rdo.main(base + ["--out", str(tmp / "nan")])
+
+
+def test_nan_gradient_stops_before_it_reaches_r(setup, monkeypatch):
+    base, tmp, _ = setup
+    real, calls = rdo.loss_and_grad, []
+
+    def nan_gradient_at_step_1(model, tok, r, *a):  # a finite loss with a NaN gradient (bf16 can do this)
+        sums = real(model, tok, r, *a)
+        calls.append(1)
+        if len(calls) == 2:
+            r.grad[0] = float("nan")
+        return sums
+    monkeypatch.setattr(rdo, "loss_and_grad", nan_gradient_at_step_1)
+    with pytest.raises(C.RefusalError, match="gradient is not finite .* at step 1: stopped; the last good state is in "
+                                             ".*rdo_checkpoint.pt"):
+        rdo.main(base + ["--out", str(tmp / "nangrad")])
+    ck = torch.load(tmp / "nangrad" / "rdo_checkpoint.pt", weights_only=False)
+    assert ck["state"]["step"] == 1 and torch.isfinite(ck["r"]).all()
 
 
 def test_wrong_size_dim_and_bad_layer(setup, tmp_path):
