@@ -24,7 +24,7 @@ Usage:
 Writes DIR/eval_<mode>.json (every number, the completions, flags, versions) and DIR/eval_<mode>.png with
 matplotlib; DIR = --out (default runs/<model-name>/eval). MODE --help lists a mode's flags.
 """
-import argparse, contextlib, importlib.util, json, os, shutil, subprocess, sys, time
+import argparse, contextlib, hashlib, importlib.util, json, os, shutil, subprocess, sys, time
 
 import torch
 from tqdm.auto import tqdm
@@ -49,6 +49,8 @@ def parse_args(argv=None):
     a("--direction", nargs="+", required=True, metavar="FILE", help="dim/rdo/rco/repind .safetensors results")
     a("--alpha", type=float, default=None, help="addition/subtraction strength (default: the sidecar's alpha, else the norm)")
     a("--layer", type=int, default=None, help="addition/subtraction layer (default: the sidecar's layer)")
+    a("--resume", action="store_true", help="continue an interrupted evaluation: the generations it finished "
+      "(DIR/eval_<mode>.partial.jsonl) are read back, not run again")
     a("--max-new-tokens", type=int, default=512,
       help="greedy tokens per completion (default: 512, the paper's; induce with 0: refusal scores only)")
     p = argparse.ArgumentParser(description=__doc__, formatter_class=C.HelpFormatter)
@@ -135,10 +137,61 @@ def judged(texts, prompts=None, judge=None):
 
 
 def rates(model, tok, prompts, args, ctx=None, desc="generate", judge=None):
-    """judged() of greedy completions generated under ctx (an intervention's hooks, or none)."""
-    with ctx or contextlib.nullcontext():
-        texts = C.generate(model, tok, prompts, args.max_new_tokens, args.batch_size, desc)
-    return judged(texts, prompts, judge)
+    """judged() of greedy completions generated under ctx (an intervention's hooks, or none); desc names the
+    generation (for the progress bar and --resume: unique within a mode)."""
+    def generate():
+        with ctx or contextlib.nullcontext():
+            return C.generate(model, tok, prompts, args.max_new_tokens, args.batch_size, desc)
+    return judged(args.remember(desc, prompts, generate), prompts, judge)
+
+
+def open_journal(path, args, dirs, data):
+    """Every finished generation (one intervention over one prompt set: minutes to hours at 512 tokens) is appended
+    to `path` (JSON lines, flushed) as it ends; --resume reads them back instead of generating again, after
+    checking that the run's flags, directions and prompts are the same. A line cut short by a crash is dropped; the
+    file appears with the first finished generation (a run stopped before it leaves nothing to resume).
+    Returns remember(name, prompts, generate) -> the generation, and close()."""
+    run = json.loads(json.dumps({**{k: v for k, v in vars(args).items() if k not in ("resume", "overwrite", "batch_size")},
+                                 "direction_hashes": [C.tensor_hash(d["vec"]) for d in dirs],
+                                 "prompts": hashlib.sha256(json.dumps(data).encode()).hexdigest()[:16]}, default=str))
+    done, lines = {}, []
+    if os.path.exists(path) and not (args.resume or args.overwrite):
+        raise C.RefusalError(f"{path} holds an unfinished evaluation: pass --resume to continue it, or --overwrite")
+    if args.resume:
+        if not os.path.exists(path):
+            raise C.RefusalError(f"--resume: no unfinished evaluation at {path}")
+        with open(path) as old:
+            text = old.read().split("\n")
+        head = json.loads(text[0])["run"]
+        if head != run:
+            diff = "; ".join(f"{k}: {head.get(k)!r} there, {run.get(k)!r} now" for k in sorted(set(head) | set(run))
+                             if head.get(k) != run.get(k))
+            raise C.RefusalError(f"{path} was made with other settings ({diff}): resume with its flags, or --overwrite")
+        for line in text[1:]:
+            try:
+                entry = json.loads(line)
+            except json.JSONDecodeError:
+                break  # the last line, cut short
+            done[entry["key"]], lines = entry["value"], lines + [line]
+        print(f"resuming: {len(done)} generations read back from {path}")
+    f = []  # the file, once open
+
+    def start(tmp):  # the key and what was read back (without a cut line); then appends
+        with open(tmp, "w") as new:
+            new.write("\n".join([json.dumps({"run": run})] + lines) + "\n")
+
+    def remember(name, prompts, generate):
+        key = f"{name} | {hashlib.sha256(json.dumps(prompts).encode()).hexdigest()[:16]}"
+        if key not in done:
+            done[key] = generate()
+            if not f:
+                C.atomic_write(path, start)
+                f.append(open(path, "a"))
+            f[0].write(json.dumps({"key": key, "value": done[key]}) + "\n")
+            f[0].flush()
+            os.fsync(f[0].fileno())
+        return done[key]
+    return remember, lambda: f and f[0].close()
 
 
 def table(rows):
@@ -247,7 +300,8 @@ def answer_ce(model, tok, prompts, answers, ctx=None, micro_batch=4):
 def mode_kl(model, tok, args, dirs, data):
     safe = data["harmless"]
     base = C.last_logits(model, tok, safe, args.batch_size)
-    answers = C.generate_ids(model, tok, safe, args.max_new_tokens, args.batch_size, "own answers")
+    answers = args.remember("own answers", safe, lambda: C.generate_ids(model, tok, safe, args.max_new_tokens,
+                                                                         args.batch_size, "own answers"))
     keep = [i for i, a in enumerate(answers) if a]  # an empty answer has no tokens to score
     if not keep:
         raise C.RefusalError("kl: every greedy answer is empty: raise --max-new-tokens")
@@ -354,7 +408,8 @@ def mode_cone(model, tok, args, dirs, data):
         u = unit(d)
         for t in args.temperatures:
             with C.directional_ablation(model, u):
-                runs = [judged(sample(model, tok, harm, t, args.seed + i, args.max_new_tokens, args.batch_size))
+                runs = [judged(args.remember(f"{d['label']} T={t:g} sample {i}", harm, lambda i=i: sample(
+                            model, tok, harm, t, args.seed + i, args.max_new_tokens, args.batch_size)))
                         for i in tqdm(range(n), desc=f"{d['label']} T={t:g}: samples")]
             add(f"{d['label']} T={t:g}", f"{d['label']} T={t:g}", runs, temperature=t)
     panels = [("box", {d["label"]: res[d["label"]]["asr"] for d in cones}, dict(ylabel="ASR of sampled directions", ylim=(0, 1))),
@@ -489,12 +544,18 @@ def main(argv=None):
     data = load_data(args)
     model, tok = C.load_model(args.model, args.device, args.dtype)
     dirs = load_directions(args, model)
-    result, panels = MODES[args.mode](model, tok, args, dirs, data)
     os.makedirs(out, exist_ok=True)
+    journal = os.path.join(out, f"eval_{args.mode}.partial.jsonl")
+    args.remember, close = open_journal(journal, args, dirs, data)  # (taken off args again before it is recorded)
+    result, panels = MODES[args.mode](model, tok, args, dirs, data)
+    del args.remember
     png = C.plot_panels(os.path.splitext(path)[0] + ".png", panels) if panels else None
     meta = [{k: v for k, v in d.items() if k != "vec"} | {"shape": list(d["vec"].shape)} for d in dirs]
     C.save_json(path, {"mode": args.mode, "model": args.model, "directions": meta, "data": {k: len(v) for k, v in data.items()},
                        "prompts": data, **result, "png": png, **C.provenance(args, model), "seconds": round(time.time() - t0, 1)})
+    close()
+    if os.path.exists(journal):  # the result is written: nothing left to resume
+        os.remove(journal)
     print(table(result["table"]))
     print(f"wrote {path}" + (f" and {png}" if png else "") + f" in {time.time() - t0:.0f}s")
 

@@ -8,7 +8,7 @@ import torch
 
 import common as C
 import evaluate as E
-from conftest import HARMFUL, HARMLESS, make_config, make_model, make_tokenizer
+from conftest import HARMFUL, HARMLESS, interrupted_at_call, make_config, make_model, make_tokenizer
 
 
 @pytest.fixture
@@ -459,3 +459,30 @@ def test_judge_sees_each_prompt_with_its_own_completion(tiny_dir, monkeypatch):
     E.load_judge(tiny_dir, "cpu", batch_size=2)(HARMFUL[:3], ["a", "b", "c"])
     assert make_tokenizer().batch_decode(seen, skip_special_tokens=True) == [
         E.JUDGE_PROMPT.format(behavior=p, generation=t) for p, t in zip(HARMFUL[:3], "abc")]
+
+
+@pytest.mark.parametrize("mode, owner, name, at, left", [("asr", C, "generate", 3, 3), ("cone", E, "sample", 2, 1)])
+def test_an_interrupted_evaluation_resumes_without_generating_again(files, mode, owner, name, at, left, monkeypatch):
+    """Ctrl-C in the middle of a generation (asr: the third of 5 greedy ones; cone: the second temperature try, after
+    the 2 cone samples): --resume reads the finished ones back, runs only the rest, and gives the uninterrupted result."""
+    dirs = ("dim", "rdo") if mode == "asr" else ("rco", "rdo")
+    extra = ["--n-samples", "2"] if mode == "cone" else []
+    full = run({**files, "out": files["out"] + "_full"}, mode, *extra, dirs=dirs)
+    with interrupted_at_call(owner, name, at):
+        run(files, mode, *extra, dirs=dirs)
+    journal = os.path.join(files["out"], f"eval_{mode}.partial.jsonl")
+    assert len(open(journal).read().splitlines()) == 1 + 2 + (mode == "cone")  # the run's key, the finished ones
+    with pytest.raises(C.RefusalError, match="holds an unfinished evaluation: pass --resume"):
+        run(files, mode, *extra, dirs=dirs)
+    with pytest.raises(C.RefusalError, match="other settings \\(max_new_tokens: 3 there, 2 now"):
+        run(files, mode, *extra, "--resume", "--max-new-tokens", "2", dirs=dirs)
+    with open(journal, "a") as f:
+        f.write('{"key": "cut sh')  # a crash in the middle of a line: dropped
+    calls = []
+    for o, n in ((C, "generate"), (E, "sample")):
+        monkeypatch.setattr(o, n, lambda *a, real=getattr(o, n), **k: calls.append(1) or real(*a, **k))
+    res = run(files, mode, *extra, "--resume", dirs=dirs)
+    assert len(calls) == left and not os.path.exists(journal)
+    assert res["results"] == full["results"]
+    with pytest.raises(C.RefusalError, match="--resume: no unfinished evaluation"):
+        run(files, mode, *extra, "--resume", "--overwrite", dirs=dirs)
