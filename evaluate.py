@@ -87,7 +87,8 @@ def load_data(args):
     prompts, as in the paper's Figure 6), or a local file as it is (its first --n-val)."""
     sources = {"harmful": args.harmful_val or args.harmful, "harmless": args.harmless_val or args.harmless,
                "benign": getattr(args, "benign", None)}
-    C.check_counts(args, "n_val", "n_samples", "n_check", "max_new_tokens", "batch_size")
+    C.check_counts(args, "n_val", "n_samples", "n_check", "batch_size")
+    C.check_counts(args, "max_new_tokens", minimum=0 if args.mode == "induce" else 1)  # induce 0: scores only
     need = ["harmless"] if args.mode in ("induce", "kl", "export") else ["harmful"]
     if sources["benign"]:  # Figure 22 also scores the harmful set
         need += ["harmful", "benign"]

@@ -152,6 +152,13 @@ def test_induce_alpha_zero_is_the_baseline(files):
     assert {"harmful_refusal_score", "benign_refusal_score"} <= set(zero)
 
 
+def test_induce_without_generation_scores_only(files):
+    res = run(files, "induce", "--alphas", "0", "5", "--max-new-tokens", "0", dirs=("dim",))["results"]
+    assert all("refusal_score" in r and "completions" not in r for r in res["dim"])  # a cheap alpha sweep
+    with pytest.raises(C.RefusalError, match="--max-new-tokens must be at least 1 \\(got 0\\)"):
+        run(files, "asr", "--max-new-tokens", "0")  # every other mode generates
+
+
 def test_compose_top1_equals_ablating_the_first_direction(files):
     res = run(files, "compose", dirs=("repind", "first"))["results"]
     assert [res[f"repind top-{k}"]["k"] for k in (1, 2, 3)] == [1, 2, 3]
