@@ -682,11 +682,13 @@ def out_dir(args, method):
 
 
 def _git(*cmd):
+    """git's output in this file's folder; None outside a checkout (or without git)."""
     try:
-        return subprocess.run(["git", *cmd], cwd=os.path.dirname(os.path.abspath(__file__)), capture_output=True,
-                              text=True, timeout=5).stdout.strip()
+        done = subprocess.run(["git", *cmd], cwd=os.path.dirname(os.path.abspath(__file__)), capture_output=True,
+                              text=True, timeout=5)
     except Exception:
         return None
+    return done.stdout.strip() if done.returncode == 0 else None
 
 
 def _versions():

@@ -24,7 +24,7 @@ Usage:
 Writes DIR/eval_<mode>.json (every number, the completions, flags, versions) and DIR/eval_<mode>.png with
 matplotlib; DIR = --out (default runs/<model-name>/eval). MODE --help lists a mode's flags.
 """
-import argparse, contextlib, hashlib, importlib.util, json, os, shutil, subprocess, sys, time
+import argparse, contextlib, hashlib, importlib.util, json, os, re, shutil, subprocess, sys, time
 
 import torch
 from tqdm.auto import tqdm
@@ -137,13 +137,13 @@ def judged(texts, prompts=None, judge=None):
     return r
 
 
-def rates(model, tok, prompts, args, ctx=None, desc="generate", judge=None):
+def rates(model, tok, prompts, args, ctx=None, desc="generate", judge=None, key=None):
     """judged() of greedy completions generated under ctx (an intervention's hooks, or none); desc names the
-    generation (for the progress bar and --resume: unique within a mode)."""
+    generation for the progress bar and, unless key does, for --resume (unique within a mode)."""
     def generate():
         with ctx or contextlib.nullcontext():
             return C.generate(model, tok, prompts, args.max_new_tokens, args.batch_size, desc)
-    return judged(args.remember(desc, prompts, generate), prompts, judge)
+    return judged(args.remember(key or desc, prompts, generate), prompts, judge)
 
 
 def open_journal(path, args, dirs, data):
@@ -153,14 +153,10 @@ def open_journal(path, args, dirs, data):
     file appears with the first finished generation (a run stopped before it leaves nothing to resume).
     Returns remember(name, prompts, generate) -> the generation, and close()."""
     run = json.loads(json.dumps({**{k: v for k, v in vars(args).items() if k not in ("resume", "overwrite", "batch_size")},
-                                 "direction_hashes": [C.tensor_hash(d["vec"]) for d in dirs],
+                                 "directions": [[C.tensor_hash(d["vec"]), d["alpha"], d["layer"]] for d in dirs],
                                  "prompts": hashlib.sha256(json.dumps(data).encode()).hexdigest()[:16]}, default=str))
     done, lines = {}, []
-    if os.path.exists(path) and not (args.resume or args.overwrite):
-        raise C.RefusalError(f"{path} holds an unfinished evaluation: pass --resume to continue it, or --overwrite")
-    if args.resume:
-        if not os.path.exists(path):
-            raise C.RefusalError(f"--resume: no unfinished evaluation at {path}")
+    if args.resume:  # (main has checked that there is one)
         with open(path) as old:
             text = old.read().split("\n")
         head = json.loads(text[0])["run"]
@@ -257,18 +253,19 @@ def mode_induce(model, tok, args, dirs, data):
     ids = C.refusal_token_ids(tok)
     score = lambda prompts: C.refusal_scores(C.last_logits(model, tok, prompts, args.batch_size), ids).mean().item()
 
-    def measure(ctx, label):
+    def measure(ctx, label, key=None):
         with ctx:
             r = {"refusal_score": score(data["harmless"])}
             if args.max_new_tokens:  # --max-new-tokens 0: refusal scores only (a cheap alpha sweep)
-                r.update(rates(model, tok, data["harmless"], args, desc=label))
+                r.update(rates(model, tok, data["harmless"], args, desc=label, key=key))
             if "benign" in data:  # Figure 22: refuse harmful prompts more, benign-but-scary ones not
                 r.update(harmful_refusal_score=score(data["harmful"]), benign_refusal_score=score(data["benign"]))
         return r
     res = {"baseline": [{"alpha": 0.0, **measure(contextlib.nullcontext(), "baseline")}]}
     for d in dirs:
         u = unit(d, model)
-        res[d["label"]] = [{"alpha": a, **measure(C.activation_addition(model, a * u, d["layer"]), f"{d['label']} +{a:g}")}
+        res[d["label"]] = [{"alpha": a, **measure(C.activation_addition(model, a * u, d["layer"]), f"{d['label']} +{a:g}",
+                                                  f"{d['label']} +{a!r}")}  # (the key: alpha to the last digit)
                            for a in (args.alphas or [d["alpha"]])]
     rows = [{"direction": k, "alpha": r["alpha"], "refusal": r.get("refusal_rate"), "refusal score": r["refusal_score"],
              "harmful score": r.get("harmful_refusal_score"), "benign score": r.get("benign_refusal_score")}
@@ -409,7 +406,7 @@ def mode_cone(model, tok, args, dirs, data):
         u = unit(d)
         for t in args.temperatures:
             with C.directional_ablation(model, u):
-                runs = [judged(args.remember(f"{d['label']} T={t:g} sample {i}", harm, lambda i=i: sample(
+                runs = [judged(args.remember(f"{d['label']} T={t!r} sample {i}", harm, lambda i=i: sample(
                             model, tok, harm, t, args.seed + i, args.max_new_tokens, args.batch_size)))
                         for i in tqdm(range(n), desc=f"{d['label']} T={t:g}: samples")]
             add(f"{d['label']} T={t:g}", f"{d['label']} T={t:g}", runs, temperature=t)
@@ -494,11 +491,11 @@ def save_model(model, tok, folder):
         tok.save_pretrained(tmp)
         os.makedirs(folder, exist_ok=True)
         new = sorted(os.listdir(tmp), key=lambda name: name == "config.json")
-        if os.path.isfile(os.path.join(folder, "config.json")):  # (--overwrite) not a model again until the end
-            os.remove(os.path.join(folder, "config.json"))
-        for name in os.listdir(folder):
-            if name not in new and name.endswith((".safetensors", ".bin", ".index.json")):
-                os.remove(os.path.join(folder, name))
+        if os.path.isfile(os.path.join(folder, "config.json")):  # an earlier export (--overwrite): not a model until
+            os.remove(os.path.join(folder, "config.json"))  # the end, and its weight files that we do not replace go
+            for name in os.listdir(folder):
+                if name not in new and re.fullmatch(r"(model|pytorch_model).*\.(safetensors|bin)(\.index\.json)?", name):
+                    os.remove(os.path.join(folder, name))
         for name in new:
             os.replace(os.path.join(tmp, name), os.path.join(folder, name))
     finally:
@@ -542,11 +539,15 @@ def main(argv=None):
         raise C.RefusalError(f"'{path}' exists: pass --overwrite to replace it, or --out elsewhere")
     if args.mode == "export":
         args.export_dir = args.export_dir or os.path.join(out, "model")
+    journal = os.path.join(out, f"eval_{args.mode}.partial.jsonl")  # before the model loads: say it at once
+    if os.path.exists(journal) and not (args.resume or args.overwrite):
+        raise C.RefusalError(f"{journal} holds an unfinished evaluation: pass --resume to continue it, or --overwrite")
+    if args.resume and not os.path.exists(journal):
+        raise C.RefusalError(f"--resume: no unfinished evaluation at {journal}")
     data = load_data(args)
     model, tok = C.load_model(args.model, args.device, args.dtype)
     dirs = load_directions(args, model)
     os.makedirs(out, exist_ok=True)
-    journal = os.path.join(out, f"eval_{args.mode}.partial.jsonl")
     args.remember, close = open_journal(journal, args, dirs, data)  # (taken off args again before it is recorded)
     result, panels = MODES[args.mode](model, tok, args, dirs, data)
     del args.remember

@@ -278,7 +278,7 @@ def gcg_step(model, tok, ctx, ids, unit, weight, args, forbidden, gen, batch_siz
     if len(cand) == 0:
         raise C.RefusalError("no candidate survives decode/re-encode: try --init with another word")
     losses, batch_size = candidate_losses(model, ctx, ids, cand, unit, weight, batch_size)
-    total = losses[:, 0].nan_to_num(nan=math.inf)  # argmin would pick a NaN
+    total = losses[:, 0].nan_to_num(nan=math.inf, posinf=math.inf)  # argmin would pick a NaN
     if not torch.isfinite(total).any():
         raise C.RefusalError("loss is nan or inf for every candidate suffix: stopped (use --dtype float32)")
     best = int(total.argmin())

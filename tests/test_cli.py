@@ -95,16 +95,17 @@ def test_nan_loss_stops_with_a_clear_message(env, script, monkeypatch):
                                             "--cache", str(env["tmp"] / "cache")])
 
 
-@pytest.mark.parametrize("where", ["current", "candidates"])
-def test_nan_loss_stops_gcg_with_a_clear_message(env, where, monkeypatch):
+@pytest.mark.parametrize("where, bad", [("current", "nan"), ("candidates", "nan"), ("candidates", "inf")])
+def test_nan_loss_stops_gcg_with_a_clear_message(env, where, bad, monkeypatch):
     real = gcg_repind.suffix_losses
 
     def nan_ce(model, ctx, x, unit, head=None):  # NaN for the current suffix (token_grad), or for every candidate
         ce, cos, greedy = real(model, ctx, x, unit, head=head)
-        return (ce * float("nan") if (head is None) == (where == "current") else ce), cos, greedy
+        return (ce * float(bad) if (head is None) == (where == "current") else ce), cos, greedy
     monkeypatch.setattr(gcg_repind, "suffix_losses", nan_ce)
     match = "for the current suffix" if where == "current" else "for every candidate suffix"
-    with pytest.raises(C.RefusalError, match=f"loss is nan.* {match}: stopped"):
+    with pytest.raises(C.RefusalError, match=f"loss is nan or inf {match}: stopped" if where == "candidates"
+                       else f"loss is nan.* {match}: stopped"):
         gcg_repind.main(argv("gcg", env) + ["--search-width", "8", "--topk", "4"])
 
 

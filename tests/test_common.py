@@ -377,3 +377,9 @@ def test_a_cuda_device_without_a_gpu_is_a_clear_error():
         with pytest.raises(C.RefusalError, match=f"--device {device}: no CUDA GPU is visible here"):
             C.pick_device(device)
     assert C.pick_device("auto") == "cpu" and C.pick_device("cpu") == "cpu"
+
+
+def test_provenance_outside_a_git_checkout_says_unknown(monkeypatch):
+    monkeypatch.setattr(C.subprocess, "run", lambda *a, **k: C.subprocess.CompletedProcess(a, 128, "", "not a git repository"))
+    p = C.provenance(types.SimpleNamespace(seed=3))
+    assert p["git_commit"] is None and p["git_uncommitted_changes"] is None and p["seed"] == 3

@@ -204,16 +204,22 @@ def test_export_goes_through_a_temporary_folder(tmp_path, monkeypatch):
     model, tok = make_model("llama")
     folder = tmp_path / "export"
     folder.mkdir()
-    for name, text in (("config.json", "{}"), ("model-00002-of-00002.safetensors", "stale"), ("notes.txt", "mine")):
+    (folder / "rdo.safetensors").write_text("a result, not a model: kept")
+    E.save_model(model, tok, str(folder))  # into a folder that holds no model: nothing of it is removed
+    assert (folder / "rdo.safetensors").read_text().endswith("kept")
+    for name, text in (("model-00002-of-00002.safetensors", "stale"), ("notes.txt", "mine")):
         (folder / name).write_text(text)
-    E.save_model(model, tok, str(folder))  # over an earlier, sharded export (--overwrite)
+    E.save_model(model, tok, str(folder))  # over an earlier export (--overwrite): its stale shard goes
     names = set(os.listdir(folder))
-    assert "model-00002-of-00002.safetensors" not in names and {"model.safetensors", "config.json", "notes.txt"} <= names
+    assert "model-00002-of-00002.safetensors" not in names
+    assert {"model.safetensors", "config.json", "notes.txt", "rdo.safetensors"} <= names
     assert os.listdir(tmp_path) == ["export"]  # no temporary folder left
     before = {n: (folder / n).read_bytes() for n in names}
 
-    def interrupted(*a, **k):
+    def interrupted(*a, **k):  # after the (changed) weights are written, before the tokenizer
         raise KeyboardInterrupt
+    with torch.no_grad():
+        model.get_input_embeddings().weight.add_(1.0)
     monkeypatch.setattr(tok, "save_pretrained", interrupted)
     with pytest.raises(KeyboardInterrupt):
         E.save_model(model, tok, str(folder))
