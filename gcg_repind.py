@@ -360,9 +360,7 @@ def main(argv=None):
     C.seed_everything(args.seed)
     if args.repind_weight and not args.direction:
         raise C.RefusalError("--repind-weight needs --direction FILE; pass --repind-weight 0 for plain GCG")
-    batch = 1 if args.batch_size is None else args.batch_size  # None: chosen for the device below
-    if min(args.suffix_len, args.search_width, args.topk, args.steps, batch, args.n) < 1:
-        raise C.RefusalError("--suffix-len, --search-width, --topk, --steps, --batch-size and --n must be positive")
+    C.check_counts(args, "suffix_len", "search_width", "topk", "steps", "batch_size", "n", "max_new_tokens")
     out = args.out or C.model_dir(args.model, "gcg")
     path, ckpt_path = os.path.join(out, "gcg.json"), os.path.join(out, "gcg_checkpoint.pt")
     if args.resume and not os.path.isfile(ckpt_path):

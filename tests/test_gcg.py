@@ -300,9 +300,9 @@ def test_errors(tiny_dir, tmp_path, direction_file):
 
 
 @pytest.mark.parametrize("flag, value", [("--suffix-len", "0"), ("--search-width", "0"), ("--topk", "0"),
-                                         ("--steps", "0"), ("--n", "0"), ("--batch-size", "0")])
+                                         ("--steps", "0"), ("--n", "0"), ("--batch-size", "0"), ("--max-new-tokens", "0")])
 def test_sizes_must_be_positive(flag, value, tmp_path):
-    with pytest.raises(C.RefusalError, match="must be positive"):  # before the model loads
+    with pytest.raises(C.RefusalError, match=f"{flag} must be at least 1 \\(got {value}\\)"):  # before the model loads
         G.main(["--model", "/nonexistent", "--prompt", "x", "--repind-weight", "0", "--out", str(tmp_path), flag, value])
 
 
