@@ -813,13 +813,22 @@ def load_direction(path, model, key=None):
 def load_checkpoint(path, run_key):
     """A training checkpoint (--resume), refused when it was made with other settings than this run's."""
     ck = torch.load(path, weights_only=False, map_location="cpu")  # a GPU run's checkpoint resumes on a CPU too
-    if ck["run"] != run_key:
-        diff = "; ".join(f"{k}: {ck['run'].get(k)!r} there, {run_key.get(k)!r} now"
-                         for k in sorted(set(ck["run"]) | set(run_key)) if ck["run"].get(k) != run_key.get(k))
+    check_same_run(path, ck["run"], run_key)
+    return ck
+
+
+def check_same_run(path, saved, run_key):
+    """--resume (a checkpoint, or evaluate.py's journal): refuse what was made with other settings, naming them."""
+    if saved != run_key:
+        diff = "; ".join(f"{k}: {saved.get(k)!r} there, {run_key.get(k)!r} now"
+                         for k in sorted(set(saved) | set(run_key)) if saved.get(k) != run_key.get(k))
         raise RefusalError(f"{path} was made with other settings ({diff}): resume with its flags, or start over "
                            "with --overwrite")
-    return ck
 
 
 def tensor_hash(t):
     return hashlib.sha256(t.detach().float().cpu().contiguous().numpy().tobytes()).hexdigest()[:16]
+
+
+def json_hash(obj):
+    return hashlib.sha256(json.dumps(obj).encode()).hexdigest()[:16]

@@ -24,7 +24,7 @@ Usage:
 Writes DIR/eval_<mode>.json (every number, the completions, flags, versions) and DIR/eval_<mode>.png with
 matplotlib; DIR = --out (default runs/<model-name>/eval). MODE --help lists a mode's flags.
 """
-import argparse, contextlib, hashlib, importlib.util, json, os, re, shutil, subprocess, sys, time
+import argparse, contextlib, importlib.util, json, os, re, shutil, subprocess, sys, time
 
 import torch
 from tqdm.auto import tqdm
@@ -154,16 +154,12 @@ def open_journal(path, args, dirs, data):
     Returns remember(name, prompts, generate) -> the generation, and close()."""
     run = json.loads(json.dumps({**{k: v for k, v in vars(args).items() if k not in ("resume", "overwrite", "batch_size")},
                                  "directions": [[C.tensor_hash(d["vec"]), d["alpha"], d["layer"]] for d in dirs],
-                                 "prompts": hashlib.sha256(json.dumps(data).encode()).hexdigest()[:16]}, default=str))
+                                 "prompts": C.json_hash(data)}, default=str))
     done, lines = {}, []
     if args.resume:  # (main has checked that there is one)
         with open(path) as old:
             text = old.read().split("\n")
-        head = json.loads(text[0])["run"]
-        if head != run:
-            diff = "; ".join(f"{k}: {head.get(k)!r} there, {run.get(k)!r} now" for k in sorted(set(head) | set(run))
-                             if head.get(k) != run.get(k))
-            raise C.RefusalError(f"{path} was made with other settings ({diff}): resume with its flags, or --overwrite")
+        C.check_same_run(path, json.loads(text[0])["run"], run)
         for line in text[1:]:
             try:
                 entry = json.loads(line)
@@ -171,24 +167,29 @@ def open_journal(path, args, dirs, data):
                 break  # the last line, cut short
             done[entry["key"]], lines = entry["value"], lines + [line]
         print(f"resuming: {len(done)} generations read back from {path}")
-    f = []  # the file, once open
+    f = None  # the file, once open
 
     def start(tmp):  # the key and what was read back (without a cut line); then appends
         with open(tmp, "w") as new:
             new.write("\n".join([json.dumps({"run": run})] + lines) + "\n")
 
     def remember(name, prompts, generate):
-        key = f"{name} | {hashlib.sha256(json.dumps(prompts).encode()).hexdigest()[:16]}"
+        nonlocal f
+        key = f"{name} | {C.json_hash(prompts)}"
         if key not in done:
             done[key] = generate()
-            if not f:
+            if f is None:
                 C.atomic_write(path, start)
-                f.append(open(path, "a"))
-            f[0].write(json.dumps({"key": key, "value": done[key]}) + "\n")
-            f[0].flush()
-            os.fsync(f[0].fileno())
+                f = open(path, "a")
+            f.write(json.dumps({"key": key, "value": done[key]}) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
         return done[key]
-    return remember, lambda: f and f[0].close()
+
+    def close():
+        if f is not None:
+            f.close()
+    return remember, close
 
 
 def table(rows):

@@ -24,7 +24,7 @@ Writes DIR/rdo.safetensors (tensor `direction`, unit norm; `iterates`, every ste
 thresholds) and DIR/rdo.json (layer, alpha, loss history, the chosen step and its scores, flags, versions);
 DIR/rdo_checkpoint.pt while training.
 """
-import argparse, hashlib, itertools, json, math, os, time
+import argparse, itertools, json, math, os, time
 from types import SimpleNamespace
 
 import torch
@@ -136,9 +136,8 @@ def cut_first_sentence(tok, ids):
 
 def get_targets(model, tok, harm, safe, dim_vec, layer, args):
     """t_answer, t_refusal, t_retain as token ids; cached under a key of everything they depend on."""
-    key_src = json.dumps([args.model, harm, safe, args.answer_tokens, args.refusal_tokens, args.retain_tokens, layer,
-                          C.tensor_hash(dim_vec), str(model.dtype), sorted(C.GREEDY.items())])  # (how they decode)
-    key = hashlib.sha256(key_src.encode()).hexdigest()[:16]
+    key = C.json_hash([args.model, harm, safe, args.answer_tokens, args.refusal_tokens, args.retain_tokens, layer,
+                       C.tensor_hash(dim_vec), str(model.dtype), sorted(C.GREEDY.items())])  # (how they decode)
     folder = args.cache or C.model_dir(args.model, "targets")
     path = os.path.join(folder, f"targets_{key}.json")
     if os.path.isfile(path):
