@@ -35,7 +35,14 @@ if not os.path.isfile(args.examples):
 model, tok = C.load_model(MODEL, "cpu", args.dtype)
 batch = [tuple(e) for e in json.load(open(args.examples))]
 r0 = torch.nn.functional.normalize(torch.randn(C.hidden_size(model), generator=torch.Generator().manual_seed(0)), dim=0)
-step = lambda: rdo.loss_and_grad(model, tok, r0.clone().requires_grad_(True), batch, 12.0, LAYER, LAMBDAS, args.micro_batch)
+
+
+def step():
+    """One rdo.py step from r0: (loss, dL/dr)."""
+    r = r0.clone().requires_grad_(True)
+    return rdo.loss_and_grad(model, tok, r, batch, 12.0, LAYER, LAMBDAS, args.micro_batch)["loss"], r.grad
+
+
 step()  # warm-up
 with profile(activities=[ProfilerActivity.CPU]) as prof:
     t = time.time()
@@ -67,10 +74,9 @@ for m in (32, 64, 128, 256, 512, 1024):
 
 if args.compile:
     def timed_step():
-        r = r0.clone().requires_grad_(True)
         t = time.time()
-        loss = rdo.loss_and_grad(model, tok, r, batch, 12.0, LAYER, LAMBDAS, args.micro_batch)["loss"]
-        return time.time() - t, loss, r.grad
+        loss, grad = step()
+        return time.time() - t, loss, grad
 
     eager = [timed_step() for _ in range(2)]
     model.compile(dynamic=True)  # in place: rdo.py's hooks stay on the same modules
