@@ -22,7 +22,8 @@ Usage:
   python rdo.py ... --lambda-ret 30 --amsgrad --max-grad-norm 10   # the authors' code's settings (README)
 Writes DIR/rdo.safetensors (tensor `direction`, unit norm; `iterates`, every step's r, to choose again with other
 thresholds) and DIR/rdo.json (layer, alpha, loss history, the chosen step and its scores, flags, versions);
-DIR/rdo_checkpoint.pt while training.
+DIR/rdo_checkpoint.pt while training. The targets, and the clean retain pass's states (computed once, not in every
+step), are cached under runs/<model-name>/targets/ (--cache).
 """
 import argparse, itertools, json, math, os, time
 from types import SimpleNamespace
@@ -134,12 +135,17 @@ def cut_first_sentence(tok, ids):
     return ids
 
 
-def get_targets(model, tok, harm, safe, dim_vec, layer, args):
-    """t_answer, t_refusal, t_retain as token ids; cached under a key of everything they depend on."""
+def targets_path(model, harm, safe, dim_vec, layer, args):
+    """The targets' cache file, named by a key of everything they depend on."""
     key = C.json_hash([args.model, harm, safe, args.answer_tokens, args.refusal_tokens, args.retain_tokens, layer,
                        C.tensor_hash(dim_vec), str(model.dtype), sorted(C.GREEDY.items())])  # (how they decode)
-    folder = args.cache or C.model_dir(args.model, "targets")
-    path = os.path.join(folder, f"targets_{key}.json")
+    return os.path.join(args.cache or C.model_dir(args.model, "targets"), f"targets_{key}.json")
+
+
+def get_targets(model, tok, harm, safe, dim_vec, layer, args):
+    """t_answer, t_refusal, t_retain as token ids; cached (targets_path)."""
+    path = targets_path(model, harm, safe, dim_vec, layer, args)
+    folder = os.path.dirname(path)
     if os.path.isfile(path):
         print(f"targets from cache {path}")
         return json.load(open(path))
@@ -265,19 +271,81 @@ def addition_loss(model, r, b, alpha, layer):
 
 
 def retain_loss(model, r, b):
-    """Line 5, per example: KL(f(p_safe + t_retain) || f_ablate(r)(p_safe + t_retain)). The clean pass runs
-    without autograd: no gradient flows back through it."""
+    """Line 5, per example: KL(f(p_safe + t_retain) || f_ablate(r)(p_safe + t_retain)). The clean side comes from
+    b["clean_h"], the rows' clean_states, through the LM head alone, or else from a clean pass without autograd:
+    no gradient flows back through it."""
     k = int(b["n_target"].max()) + 1
     with torch.no_grad():
-        clean = window_logits(model, b, k, kv="clean_kv")
+        if b.get("clean_h") is None:
+            clean = window_logits(model, b, k, kv="clean_kv")
+        else:  # each row's states end at its last position, as its tokens do (left padding)
+            h = b["clean_h"][0].new_zeros(len(b["clean_h"]), k, b["clean_h"][0].shape[-1])
+            for row, x in zip(h, b["clean_h"]):
+                row[k - len(x):] = x
+            clean = unembed(model, h)
     with C.directional_ablation(model, r):
         return kl_per_example(clean, window_logits(model, b, k), b)
 
 
+def unembed(model, h):
+    """Logits from what the LM head sees, as the model makes them (Gemma-2 caps its logits)."""
+    head = model.get_output_embeddings()
+    logits = head(h.to(head.weight.device))  # (--device multi: the head may sit on another GPU)
+    cap = getattr(getattr(model.config, "text_config", None) or model.config, "final_logit_softcapping", None)
+    return logits if cap is None else torch.tanh(logits / cap) * cap
+
+
+@torch.no_grad()
+def clean_states(model, tok, safe, retain, micro_batch):
+    """Line 5's clean pass f(p_safe + t_retain) for every pair, once: it does not depend on r, so no step needs to
+    run it again. Kept per pair: the LM head's input at the KL's positions (the last template token and the retain
+    tokens), (len(t_retain) + 1, d); the logits themselves would take 150-250 times more (the vocabulary).
+    None where the model's logits are not unembed() of that input (the steps then run the clean pass)."""
+    seen, out = [], [None] * len(safe)
+    order = sorted(range(len(safe)), key=lambda i: len(tok(safe[i], add_special_tokens=False)["input_ids"]) + len(retain[i]))
+    prefix = shared_prefix(tok, safe, retain, model)
+    kv = None if prefix is None else prefix_kv(model, prefix)
+    handle = model.get_output_embeddings().register_forward_hook(lambda m, args, _: seen.append(args[0]))
+    try:
+        for j in tqdm(range(0, len(safe), micro_batch), desc="clean retain states"):
+            idx = order[j:j + micro_batch]
+            b = pack(tok, [safe[i] for i in idx], [retain[i] for i in idx], C.input_device(model),
+                     0 if prefix is None else prefix.shape[1])
+            b["kv"] = kv
+            logits = window_logits(model, b, int(b["n_target"].max()) + 1)
+            h = seen.pop()
+            if j == 0 and not torch.allclose(unembed(model, h).float(), logits.float(), rtol=1e-2, atol=1e-2):
+                print("this model's logits are not its LM head's output (a scale?): the clean retain pass runs in every step")
+                return None
+            for row, i in enumerate(idx):
+                out[i] = h[row, h.shape[1] - len(retain[i]) - 1:].clone()
+    finally:
+        handle.remove()
+    return out
+
+
+def get_clean_states(model, tok, safe, retain, path, micro_batch):
+    """clean_states, cached beside the targets they belong to (path: their .json)."""
+    from safetensors.torch import load_file, save_file
+    cached = os.path.splitext(path)[0] + ".clean.safetensors"
+    sizes = [len(t) + 1 for t in retain]
+    if os.path.isfile(cached):
+        h = load_file(cached)["h"]
+        if h.shape == (sum(sizes), C.hidden_size(model)):
+            print(f"clean retain states from cache {cached}")
+            return list(h.to(C.input_device(model)).split(sizes))
+    states = clean_states(model, tok, safe, retain, micro_batch)
+    if states is not None:
+        C.atomic_write(cached, lambda tmp: save_file({"h": torch.cat(states).cpu()}, tmp))
+        print(f"clean retain states cached in {cached}")
+    return states
+
+
 def loss_and_grad(model, tok, r, batch, alpha, layer, lambdas, micro_batch):
     """COMPUTELOSS (line 6: L = sum of lambda * loss) over a batch of (p_harm, p_safe, t_answer, t_refusal, t_retain),
-    leaving dL/dr in r.grad. Returns L and its unweighted parts as floats. r is one direction (d,) for the whole
-    batch, or one per example (n, d) (rco.py trains many directions at once this way).
+    each with its clean_states as a sixth element where they were computed, leaving dL/dr in r.grad. Returns L and
+    its unweighted parts as floats. r is one direction (d,) for the whole batch, or one per example (n, d) (rco.py
+    trains many directions at once this way).
 
     Each loss is a mean over examples, so each runs over its own micro-batches of examples sorted by length:
     less padding, and the result does not depend on micro_batch. Backward after every micro-batch bounds memory.
@@ -286,7 +354,8 @@ def loss_and_grad(model, tok, r, batch, alpha, layer, lambdas, micro_batch):
     whose gradients go back through the prefix pass at the end.
     """
     device, n = C.input_device(model), len(batch)
-    harm, safe, answer, refusal, retain = zip(*batch)
+    harm, safe, answer, refusal, retain, *states = zip(*batch)
+    states = states[0] if states else None  # clean retain states (clean_states), or a clean pass here
     n_tokens = {p: len(tok(p, add_special_tokens=False)["input_ids"]) for p in harm + safe}
     losses = {"abl": lambda b, r: ablation_loss(model, r, b), "add": lambda b, r: addition_loss(model, r, b, alpha, layer),
               "ret": lambda b, r: retain_loss(model, r, b)}
@@ -298,7 +367,7 @@ def loss_and_grad(model, tok, r, batch, alpha, layer, lambdas, micro_batch):
     for key, prompts, targets in (("abl", harm, answer), ("add", safe, refusal), ("ret", safe, retain)):
         order = sorted(range(n), key=lambda i: n_tokens[prompts[i]] + len(targets[i]))
         prefix = shared_prefix(tok, prompts, targets, model) if r.dim() == 1 else None  # one direction per row: no sharing
-        leaves = clean = None
+        leaves = clean_kv = None
         if prefix is not None:
             which = (intervention[key], tuple(prefix[0].tolist()))
             if which not in prefixes:  # the retain loss reuses the ablation loss's prefix (same tokens, same hooks)
@@ -306,14 +375,16 @@ def loss_and_grad(model, tok, r, batch, alpha, layer, lambdas, micro_batch):
                     kv = prefix_kv(model, prefix)
                 prefixes[which] = kv, [tuple(t.detach().requires_grad_(t.requires_grad) for t in pair) for pair in kv]
             leaves = prefixes[which][1]
-            if key == "ret":
+            if key == "ret" and states is None:
                 with torch.no_grad():
-                    clean = prefix_kv(model, prefix)
+                    clean_kv = prefix_kv(model, prefix)
         sums[key] = 0.0
         for j in range(0, n, micro_batch):
             idx = order[j:j + micro_batch]
             b = pack(tok, [prompts[i] for i in idx], [targets[i] for i in idx], device, 0 if prefix is None else prefix.shape[1])
-            b["kv"], b["clean_kv"] = leaves, clean
+            b["kv"], b["clean_kv"] = leaves, clean_kv
+            if key == "ret" and states is not None:
+                b["clean_h"] = [states[i] for i in idx]
             with torch.set_grad_enabled(lambdas[key] != 0):  # a loss weighted 0 is only reported: no backward
                 per_example = losses[key](b, r if r.dim() == 1 else r[idx].unsqueeze(1))
             if lambdas[key]:
@@ -389,7 +460,7 @@ def choose_sign(model, tok, r, opt, batch, alpha, layer, micro_batch):
     warm-up may have reached either of two mirror images; keep the one whose addition loss is lower on this batch.
     Adam's first moment flips with r (its second does not change), so the steps after a flip are mirrored too.
     Returns whether r flipped."""
-    _, safe, _, refusal, _ = zip(*batch)
+    safe, refusal = [x[1] for x in batch], [x[3] for x in batch]
     mean_loss = lambda v: sum(addition_loss(model, v, pack(tok, safe[j:j + micro_batch], refusal[j:j + micro_batch],
                                                            C.input_device(model)), alpha, layer).sum().item()
                               for j in range(0, len(batch), micro_batch)) / len(batch)
@@ -491,6 +562,9 @@ def setup(args, method):
     total = steps_per_epoch * args.epochs if args.max_steps is None else min(args.max_steps, steps_per_epoch * args.epochs)
     alpha = args.alpha if args.alpha is not None else dim_vec.norm().item()
     targets = get_targets(model, tok, harm[:n], safe[:n], dim_vec, dim_layer, args)  # DIM acts at its own layer
+    micro_batch = args.micro_batch or (args.effective_batch if device.type == "cuda" else 2)
+    clean = get_clean_states(model, tok, safe[:n], targets["retain"],
+                             targets_path(model, harm[:n], safe[:n], dim_vec, dim_layer, args), micro_batch)
     replaced = None
     if args.judge_refusals:
         targets["refusal"], replaced = judged_refusals(tok, targets["refusal"])
@@ -509,9 +583,8 @@ def setup(args, method):
         out=out, ckpt_path=ckpt_path, model=model, tok=tok, device=device, harm=harm[:n], safe=safe[:n], n=n,
         harm_val=harm_val, safe_val=safe_val, dim_vec=dim_vec, dim_layer=dim_layer, layer=layer, basis=basis,
         alpha=alpha,
-        targets=targets, refusal_targets_replaced=replaced,
-        lambdas={"abl": args.lambda_abl, "add": args.lambda_add, "ret": args.lambda_ret},
-        micro_batch=args.micro_batch or (args.effective_batch if device.type == "cuda" else 2),
+        targets=targets, refusal_targets_replaced=replaced, clean=clean,
+        lambdas={"abl": args.lambda_abl, "add": args.lambda_add, "ret": args.lambda_ret}, micro_batch=micro_batch,
         total=total, run_key=run_key)
 
 
@@ -526,9 +599,10 @@ def batch_order(n, batch, epochs, g):
 
 
 def training_batch(S, idx):
-    """(p_harm, p_safe, t_answer, t_refusal, t_retain) for the given training pair indices."""
+    """(p_harm, p_safe, t_answer, t_refusal, t_retain, clean retain states if any) for the given pair indices."""
     t = S.targets
-    return [(S.harm[i], S.safe[i], t["answer"][i], t["refusal"][i], t["retain"][i]) for i in idx]
+    return [(S.harm[i], S.safe[i], t["answer"][i], t["refusal"][i], t["retain"][i]) + (() if S.clean is None else
+            (S.clean[i],)) for i in idx]
 
 
 def main(argv=None):

@@ -87,6 +87,63 @@ def test_loss_and_gradient_match_the_plain_algorithm(family, micro_batch, lambda
     assert sums["add"] > 0  # reported even where it is weighted 0
 
 
+@pytest.mark.parametrize("family", ["qwen2", "gemma2"])
+def test_clean_states_give_the_clean_pass_loss_and_gradient(family, monkeypatch):
+    """The retain loss from precomputed clean states (the LM head's input, through the LM head again) equals the one
+    from a clean pass in the step; on Gemma-2 with a logit cap that bites (the tiny model's logits are small).
+    Qwen2 in float64, exact: the tiny model's KL is ~1e-4, near fp32's rounding of a difference of logits (Gemma-2
+    in float64 gives NaN on padded rows in transformers 5.24: float32 there, to a tolerance)."""
+    model, tok = make_model(family)
+    dtype, tol = (torch.float64, 1e-9) if family == "qwen2" else (torch.float32, 1e-4)
+    model.to(dtype)
+    if family == "gemma2":
+        model.config.final_logit_softcapping = 0.1
+    tg = {"answer": [[40, 41, 42], [43, 44], [45, 46, 47, 48]], "refusal": [[45], [46, 47, 48, 49], [50, 51]],
+          "retain": [[50, 51], [52, 53, 54], [55]]}
+    batch = list(zip(HARMFUL[:3], HARMLESS[:3], tg["answer"], tg["refusal"], tg["retain"]))
+    states = rdo.clean_states(model, tok, HARMLESS[:3], tg["retain"], 2)
+    assert [s.shape for s in states] == [(len(t) + 1, C.hidden_size(model)) for t in tg["retain"]]
+    lam = {"abl": 1.0, "add": 0.2, "ret": 1.0}
+    torch.manual_seed(0)
+    r1 = torch.randn(C.hidden_size(model), dtype=dtype).requires_grad_(True)
+    r2 = r1.detach().clone().requires_grad_(True)
+    clean_passes, real = [], rdo.window_logits
+    monkeypatch.setattr(rdo, "window_logits", lambda *a, kv="kv": clean_passes.append(kv == "clean_kv") or real(*a, kv=kv))
+    inline = rdo.loss_and_grad(model, tok, r1, batch, 3.0, 1, lam, 2)
+    assert sum(clean_passes) == 2  # one per micro-batch
+    clean_passes.clear()
+    cached = rdo.loss_and_grad(model, tok, r2, [b + (s,) for b, s in zip(batch, states)], 3.0, 1, lam, 2)
+    assert len(clean_passes) == 6 and sum(clean_passes) == 0  # the loss passes only
+    assert cached["ret"] > 0 and cached["ret"] == pytest.approx(inline["ret"], rel=tol)
+    torch.testing.assert_close(r1.grad, r2.grad, rtol=tol, atol=tol * 1e-3)
+    if family == "gemma2":  # the cap bites: the comparison above would fail without it
+        capped = rdo.unembed(model, states[0])
+        monkeypatch.setattr(model.config, "final_logit_softcapping", None)
+        assert capped.abs().max() < 0.1 < (rdo.unembed(model, states[0]) - capped).abs().max()
+
+
+def test_clean_states_fall_back_to_a_clean_pass_where_logits_are_not_the_heads(monkeypatch, capsys):
+    model, tok = make_model("llama")
+    real = rdo.unembed
+    monkeypatch.setattr(rdo, "unembed", lambda m, h: 2 * real(m, h))  # a model that scales its logits
+    assert rdo.clean_states(model, tok, HARMLESS[:3], [[50, 51], [52], [53]], 2) is None
+    assert "runs in every step" in capsys.readouterr().out
+
+
+def test_clean_states_are_cached_beside_the_targets(tmp_path, monkeypatch):
+    model, tok = make_model("llama")
+    retain = [[50, 51], [52, 53, 54], [55]]
+    path = str(tmp_path / "targets_x.json")
+    calls, real = [], rdo.clean_states
+    monkeypatch.setattr(rdo, "clean_states", lambda *a: calls.append(1) or real(*a))
+    first = rdo.get_clean_states(model, tok, HARMLESS[:3], retain, path, 2)
+    assert os.path.isfile(tmp_path / "targets_x.clean.safetensors") and len(calls) == 1
+    again = rdo.get_clean_states(model, tok, HARMLESS[:3], retain, path, 2)
+    assert len(calls) == 1 and all(torch.equal(a, b) for a, b in zip(first, again))
+    other = rdo.get_clean_states(model, tok, HARMLESS[:3], [[50], [52], [55]], path, 2)  # sizes differ: recomputed
+    assert len(calls) == 2 and [len(s) for s in other] == [2, 2, 2]
+
+
 def test_tangent_projection_and_renormalisation():
     r = F.normalize(torch.randn(16), dim=0)
     g = torch.randn(16)
@@ -177,6 +234,7 @@ def test_rdo_perp_stays_orthogonal(setup):
     assert d["direction"].norm().item() == pytest.approx(1.0, abs=1e-5)
     assert len(meta["history"]) == 3 and meta["chosen_step"] in (0, 1, 2)
     assert not os.path.exists(tmp / "perp" / "rdo_checkpoint.pt")
+    assert [f for f in os.listdir(tmp / "cache") if f.endswith(".clean.safetensors")]  # the clean retain states
 
 
 def test_resume_reaches_the_same_direction(setup):
