@@ -48,7 +48,8 @@ def main():
     model, tok = random_model(rdo_step.MODEL, "cpu", "float32", cfg)  # Qwen's tokenizer: the examples are its ids
     batch = [tuple(e) for e in json.load(open(examples))]
     r = torch.nn.functional.normalize(torch.randn(C.hidden_size(model)), dim=0)
-    steps = {"rdo.py": lambda: rdo.loss_and_grad(model, tok, r.clone().requires_grad_(True), batch, 12.0,
+    rows_with_states = rdo_step.with_clean_states(model, tok, batch, args.micro_batch)[0]  # as rdo.py's loop has them
+    steps = {"rdo.py": lambda: rdo.loss_and_grad(model, tok, r.clone().requires_grad_(True), rows_with_states, 12.0,
                                                  rdo_step.LAYER, rdo_step.LAMBDAS, args.micro_batch),
              "floor": lambda: rdo_step.floor_step(model, tok, batch, args.micro_batch)}
     rows = []

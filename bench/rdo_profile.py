@@ -19,6 +19,7 @@ from torch.profiler import ProfilerActivity, profile
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import common as C  # noqa: E402
 import rdo  # noqa: E402
+import rdo_step  # noqa: E402
 from rdo_step import LAMBDAS, LAYER, MODEL  # noqa: E402
 
 MATMUL = {"aten::mm", "aten::addmm", "aten::bmm", "aten::matmul", "aten::linear"}
@@ -34,6 +35,7 @@ if not os.path.isfile(args.examples):
 
 model, tok = C.load_model(MODEL, "cpu", args.dtype)
 batch = [tuple(e) for e in json.load(open(args.examples))]
+batch = rdo_step.with_clean_states(model, tok, batch, args.micro_batch)[0]  # as rdo.py's loop has them
 r0 = torch.nn.functional.normalize(torch.randn(C.hidden_size(model), generator=torch.Generator().manual_seed(0)), dim=0)
 
 

@@ -3,16 +3,23 @@
   reference  Algorithm 1 written plainly: one example at a time, each loss its own forward/backward, full logits
   rdo.py     rdo.loss_and_grad: length-sorted micro-batches, padding + masks, logits only at target positions,
              the chat template's shared prefix run once per intervention (on a CPU: rdo.SHARE_PREFIX), the clean
-             retain pass without autograd
-  floor      rdo.py's forward (+ backward) passes over the same tokens with no hooks and no loss bookkeeping
+             retain logits from rdo.clean_states (the LM head's input, computed once per target set, before the
+             timed steps and not counted in them: rdo.py computes them with its targets and caches them on disk)
+  inline     rdo.py's step with the clean retain pass in it (without autograd), as before the clean states
+  floor      rdo.py's forward (+ backward) passes over the same tokens with no hooks and no loss bookkeeping (no
+             clean pass: rdo.py's step runs none)
 Each variant runs in its own process (so that peak memory is its own): load, one warm-up step, then --repeats
 timed steps (the median is reported: this machine's speed drifts by tens of percent from minute to minute).
+With --interleave they share one process and take turns, a step each, so that the drift moves them alike.
 Peak memory = the process's peak RSS (VmHWM, reset after loading) minus its RSS after loading the model.
+The rdo.py line also gives the seconds rdo.clean_states took for the 16 pairs (once, untimed in the step).
 rdo.py and the reference must give the same loss: relative difference < 1e-3 in fp32. In bf16 the rounding of
 differently shaped matmuls alone moves a loss by about that much, so the bf16 line also prints how far the
 reference's own bf16 loss is from its fp32 loss, for scale.
 
   python bench/rdo_step.py [--dtypes bfloat16 float32] [--micro-batch 4] [--repeats 3] [--device cuda]
+  python bench/rdo_step.py --variants rdo.py inline floor   # what the clean states save
+  python bench/rdo_step.py --dtypes bfloat16 --variants reference rdo.py inline floor --interleave --repeats 5
   python bench/rdo_step.py --random-weights CONFIG_DIR --device cuda --micro-batch 16   # speed only, Qwen's shape
   python bench/rdo_step.py ... --prefix off      # rdo.py and the floor with every row run whole (on: shared on
                                                  # any device; auto: rdo.SHARE_PREFIX's rule, shared on a CPU)
@@ -81,6 +88,15 @@ def reference_step(model, tok, r, batch, alpha, layer):
     return total
 
 
+def with_clean_states(model, tok, batch, micro_batch):
+    """The examples as rdo.py's loop sees them: each with its clean retain states (rdo.clean_states), which rdo.py
+    computes once per target set. Returns them and the seconds that took."""
+    t = time.time()
+    states = rdo.clean_states(model, tok, [b[1] for b in batch], [b[4] for b in batch], micro_batch)
+    sync(C.input_device(model))
+    return [b + (s,) for b, s in zip(batch, states)], time.time() - t
+
+
 def floor_step(model, tok, batch, micro_batch):
     """rdo.py's passes over the same micro-batches (the rows after the shared template prefix, which runs once per
     loss where rdo.shared_prefix shares it) with no hooks and no losses: the gradient enters through one add-zero
@@ -98,9 +114,6 @@ def floor_step(model, tok, batch, micro_batch):
                          0 if prefix is None else prefix.shape[1])
             k = int(b["n_target"].max()) + 1
             b["kv"] = kv
-            if key == "ret":
-                with torch.no_grad():
-                    rdo.window_logits(model, b, k)
             zero = torch.zeros(C.hidden_size(model), device=C.input_device(model), requires_grad=True)
             with C.activation_addition(model, zero, LAYER if key == "add" else 0):
                 rdo.window_logits(model, b, k).float().logsumexp(-1).mean().backward()
@@ -117,7 +130,10 @@ def load_config(name):
     return AutoConfig.from_pretrained(name) if os.path.isdir(name) else AutoConfig.for_model(name)
 
 
-def child(variant, dtype, micro_batch, repeats, examples_path, device, random_weights=None, prefix="auto", config=None):
+def child(variants, dtype, micro_batch, repeats, examples_path, device, random_weights=None, prefix="auto", config=None):
+    """Time the comma-separated variants in one process: each round runs one step of each, the order rotated
+    from round to round (--interleave; peak memory is then not reported), or one variant alone."""
+    variants = variants.split(",")
     if random_weights:
         model, tok = random_model(random_weights, device, dtype, config and load_config(config))
     else:
@@ -134,26 +150,34 @@ def child(variant, dtype, micro_batch, repeats, examples_path, device, random_we
     else:
         open("/proc/self/clear_refs", "w").write("5")  # reset the peak (VmHWM) to the current RSS: loading is not counted
         base = rss_mb()
-    times, losses = [], []
-    for _ in range(1 + repeats):  # warm-up, then the timed steps
-        r = r0.clone().requires_grad_(True)
+    clean_seconds, with_states = None, batch
+    if "rdo.py" in variants:  # as rdo.py's setup does, once per target set (and cached on disk)
         sync(dev)
-        t = time.time()
-        if variant == "reference":
-            losses.append(reference_step(model, tok, r, batch, alpha, layer))
-        elif variant == "rdo.py":
-            losses.append(rdo.loss_and_grad(model, tok, r, batch, alpha, layer, LAMBDAS, micro_batch)["loss"])
-        else:
-            floor_step(model, tok, batch, micro_batch)
-            losses.append(float("nan"))
-        sync(dev)
-        times.append(time.time() - t)
-    if dev.type == "cuda":
+        with_states, clean_seconds = with_clean_states(model, tok, batch, micro_batch)
+    step = {"reference": lambda r: reference_step(model, tok, r, batch, alpha, layer),
+            "rdo.py": lambda r: rdo.loss_and_grad(model, tok, r, with_states, alpha, layer, LAMBDAS, micro_batch)["loss"],
+            "inline": lambda r: rdo.loss_and_grad(model, tok, r, batch, alpha, layer, LAMBDAS, micro_batch)["loss"],
+            "floor": lambda r: floor_step(model, tok, batch, micro_batch) or float("nan")}
+    times, losses = {v: [] for v in variants}, {}
+    for i in range(1 + repeats):  # a warm-up round, then the timed ones
+        for variant in variants[i % len(variants):] + variants[:i % len(variants)]:
+            r = r0.clone().requires_grad_(True)
+            sync(dev)
+            t = time.time()
+            losses[variant] = step[variant](r)
+            sync(dev)
+            times[variant].append(time.time() - t)
+    if len(variants) > 1:
+        peak = math.nan
+    elif dev.type == "cuda":
         peak = torch.cuda.max_memory_allocated() / 2**20
     else:
         peak = next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM")) / 1024
-    print(json.dumps({"variant": variant, "dtype": dtype, "seconds": statistics.median(times[1:]), "all_seconds": times[1:],
-                      "loss": losses[-1], "peak_mb": peak - base, "shared_prefix": dev.type in rdo.SHARE_PREFIX}))
+    for v in variants:
+        print(json.dumps({"variant": v, "dtype": dtype, "seconds": statistics.median(times[v][1:]),
+                          "all_seconds": times[v][1:], "loss": losses[v], "peak_mb": peak - base,
+                          "clean_states_seconds": clean_seconds if v == "rdo.py" else None,
+                          "shared_prefix": dev.type in rdo.SHARE_PREFIX}))
 
 
 def main():
@@ -161,7 +185,8 @@ def main():
     p.add_argument("--dtypes", nargs="+", default=["bfloat16", "float32"])
     p.add_argument("--micro-batch", type=int, default=4)
     p.add_argument("--repeats", type=int, default=3, help="timed steps per variant (after one warm-up); the median is reported")
-    p.add_argument("--variants", nargs="+", default=["reference", "rdo.py", "floor"])
+    p.add_argument("--variants", nargs="+", default=["reference", "rdo.py", "floor"],
+                   choices=["reference", "rdo.py", "inline", "floor"])
     p.add_argument("--device", default="cpu", help="cpu or cuda (peak memory is then torch's peak allocated)")
     p.add_argument("--random-weights", default=None, help="a folder with Qwen's config.json and tokenizer: random "
                    "weights, speed only (needs the examples file of an earlier run with the real model)")
@@ -169,6 +194,8 @@ def main():
                    "config.json, or a model type: gemma2 is Gemma-2-2B), with the folder's tokenizer and examples")
     p.add_argument("--prefix", choices=["auto", "on", "off"], default="auto", help="rdo.py and the floor with "
                    "the shared template prefix run once (on), every row run whole (off), or rdo.SHARE_PREFIX's rule")
+    p.add_argument("--interleave", action="store_true", help="all variants in one process, a step of each in turn "
+                   "(the order rotated each round): ratios that this machine's drift does not move; no peak memory")
     p.add_argument("--json", default="runs/bench/rdo_step.json")
     p.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -187,23 +214,25 @@ def main():
         del model
     rows = []
     for dtype in args.dtypes:
-        for variant in args.variants:
+        for variant in [",".join(args.variants)] if args.interleave else args.variants:
             res = subprocess.run([sys.executable, __file__, "--micro-batch", str(args.micro_batch), "--repeats", str(args.repeats),
                                   "--device", args.device,
                                   *(["--random-weights", args.random_weights] if args.random_weights else []),
                                   "--prefix", args.prefix,
                                   *(["--config", args.config] if args.config else []),
                                   "--child", variant, dtype, examples_path], capture_output=True, text=True)
-            line = [l for l in res.stdout.splitlines() if l.startswith("{")]
-            if not line:
+            lines = [l for l in res.stdout.splitlines() if l.startswith("{")]
+            if not lines:
                 sys.exit(f"{variant} {dtype} failed:\n{res.stderr[-3000:]}")
-            rows.append({**json.loads(line[-1]), "micro_batch": args.micro_batch, "device": args.device,
-                         "random_weights": args.random_weights, "config": args.config, "prefix": args.prefix})
-            print(rows[-1], flush=True)
+            for line in lines:
+                rows.append({**json.loads(line), "micro_batch": args.micro_batch, "device": args.device,
+                             "random_weights": args.random_weights, "config": args.config, "prefix": args.prefix,
+                             "interleaved": args.interleave})
+                print(rows[-1], flush=True)
     what = (f"random weights in the shape of {args.config or args.random_weights}" if args.random_weights
             else "Qwen2.5-Coder-0.5B-Instruct")
     print(f"\none optimizer step, 16 pairs, {what} on {args.device}, {torch.get_num_threads()} threads, "
-          f"micro-batch {args.micro_batch}, median of {args.repeats}, shared prefix: "
+          f"micro-batch {args.micro_batch}, median of {args.repeats}{' (interleaved)' if args.interleave else ''}, shared prefix: "
           f"{'yes' if rows[-1]['shared_prefix'] else 'no'} (--prefix {args.prefix})")
     print(f"{'dtype':9s} {'variant':10s} {'seconds':>8s} {'vs ref':>7s} {'vs floor':>8s} {'peak MB':>8s} {'loss':>9s}")
     for dtype in args.dtypes:
@@ -212,6 +241,9 @@ def main():
         for v, r in by.items():
             print(f"{dtype:9s} {v:10s} {r['seconds']:8.3g} {ratio(ref, r['seconds']):>7s} "
                   f"{ratio(r['seconds'], floor):>8s} {r['peak_mb']:8.0f} {r['loss']:9.5f}")
+        if by.get("rdo.py", {}).get("clean_states_seconds") is not None:
+            print(f"{dtype:9s} rdo.clean_states for the 16 pairs (once per target set, not in the step): "
+                  f"{by['rdo.py']['clean_states_seconds']:.3g} s")
         if "reference" in by and "rdo.py" in by:
             rel = abs(by["rdo.py"]["loss"] - by["reference"]["loss"]) / abs(by["reference"]["loss"])
             verdict = ("ok" if rel < 1e-3 else "MISMATCH") if dtype == "float32" else "bf16: see the scale"
