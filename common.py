@@ -145,10 +145,13 @@ def input_device(model):
     return model.get_input_embeddings().weight.device
 
 
+def text_config(model):
+    """The language model's config (multimodal models nest it as text_config)."""
+    return getattr(model.config, "text_config", None) or model.config
+
+
 def hidden_size(model):
-    cfg = model.config
-    cfg = getattr(cfg, "text_config", None) or cfg
-    return cfg.hidden_size
+    return text_config(model).hidden_size
 
 
 def check_layer(model, layer):

@@ -135,17 +135,16 @@ def cut_first_sentence(tok, ids):
     return ids
 
 
-def targets_path(model, harm, safe, dim_vec, layer, args):
-    """The targets' cache file, named by a key of everything they depend on."""
-    key = C.json_hash([args.model, harm, safe, args.answer_tokens, args.refusal_tokens, args.retain_tokens, layer,
-                       C.tensor_hash(dim_vec), str(model.dtype), sorted(C.GREEDY.items())])  # (how they decode)
-    return os.path.join(args.cache or C.model_dir(args.model, "targets"), f"targets_{key}.json")
+def cache_folder(args):
+    return args.cache or C.model_dir(args.model, "targets")
 
 
 def get_targets(model, tok, harm, safe, dim_vec, layer, args):
-    """t_answer, t_refusal, t_retain as token ids; cached (targets_path)."""
-    path = targets_path(model, harm, safe, dim_vec, layer, args)
-    folder = os.path.dirname(path)
+    """t_answer, t_refusal, t_retain as token ids; cached under a key of everything they depend on."""
+    key = C.json_hash([args.model, harm, safe, args.answer_tokens, args.refusal_tokens, args.retain_tokens, layer,
+                       C.tensor_hash(dim_vec), str(model.dtype), sorted(C.GREEDY.items())])  # (how they decode)
+    folder = cache_folder(args)
+    path = os.path.join(folder, f"targets_{key}.json")
     if os.path.isfile(path):
         print(f"targets from cache {path}")
         return json.load(open(path))
@@ -177,6 +176,52 @@ def judged_refusals(tok, refusal):
     return [t if ok else donors[next(turn) % len(donors)] for t, ok in zip(refusal, judged)], judged.count(False)
 
 
+@torch.no_grad()
+def clean_states(model, tok, safe, retain, micro_batch):
+    """Line 5's clean pass f(p_safe + t_retain) for every pair, once: it does not depend on r, so no step needs to
+    run it again. Kept per pair: the LM head's input at the KL's positions (the last template token and the retain
+    tokens), (len(t_retain) + 1, d); the logits themselves would take vocabulary / d times more (170x for
+    Qwen2.5-0.5B, 111x for Gemma-2-2B). None where the model's logits are not unembed() of that input (a model
+    that scales them): the steps then run the clean pass."""
+    seen, out = [], [None] * len(safe)
+    prefix = shared_prefix(tok, safe, retain, model)
+    kv = None if prefix is None else prefix_kv(model, prefix)
+    handle = model.get_output_embeddings().register_forward_hook(lambda m, args, _: seen.append(args[0]))
+    try:
+        batches = micro_batches(tok, safe, retain, micro_batch, model, prefix)
+        for j, (idx, b) in enumerate(tqdm(batches, total=math.ceil(len(safe) / micro_batch), desc="clean retain states")):
+            b["kv"] = kv
+            logits = window_logits(model, b, int(b["n_target"].max()) + 1)
+            h = seen.pop()
+            if j == 0 and not torch.allclose(unembed(model, h).float().to(logits.device), logits.float(),
+                                             rtol=1e-2, atol=1e-2):
+                print("this model's logits are not its LM head's output (a scale?): the clean retain pass runs in every step")
+                return None
+            for row, i in enumerate(idx):
+                out[i] = h[row, h.shape[1] - len(retain[i]) - 1:].clone()
+    finally:
+        handle.remove()
+    return out
+
+
+def get_clean_states(model, tok, safe, retain, args, micro_batch):
+    """clean_states, cached beside the targets under a key of what they depend on (not the DIM direction: RDO at
+    another layer, from another DIM, reuses them where its retain targets are the same)."""
+    from safetensors.torch import load_file, save_file
+    key = C.json_hash([args.model, safe, retain, str(model.dtype)])
+    path = os.path.join(cache_folder(args), f"clean_{key}.safetensors")
+    head = model.get_output_embeddings().weight.device  # where clean_states leaves them
+    if os.path.isfile(path):
+        print(f"clean retain states from cache {path}")
+        return list(load_file(path)["h"].to(head).split([len(t) + 1 for t in retain]))
+    states = clean_states(model, tok, safe, retain, micro_batch)
+    if states is not None:
+        os.makedirs(cache_folder(args), exist_ok=True)
+        C.atomic_write(path, lambda tmp: save_file({"h": torch.cat(states).cpu()}, tmp))
+        print(f"clean retain states cached in {path}")
+    return states
+
+
 # ----------------------------------------------------------------------------- the losses (COMPUTELOSS)
 
 def pack(tok, prompts, targets, device, skip=0):
@@ -187,6 +232,17 @@ def pack(tok, prompts, targets, device, skip=0):
     ids = torch.tensor([[tok.pad_token_id] * (width - len(r)) + r for r in rows], device=device)
     mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=device)
     return {"input_ids": ids, "attention_mask": mask, "n_target": torch.tensor([len(y) for y in targets], device=device)}
+
+
+def micro_batches(tok, prompts, targets, micro_batch, model, prefix=None):
+    """(indices, packed rows) over micro-batches of the examples sorted by length (less padding), each row without
+    the shared prefix's tokens if there is one."""
+    size = lambda i: len(tok(prompts[i], add_special_tokens=False)["input_ids"]) + len(targets[i])
+    order = sorted(range(len(prompts)), key=size)
+    for j in range(0, len(order), micro_batch):
+        idx = order[j:j + micro_batch]
+        yield idx, pack(tok, [prompts[i] for i in idx], [targets[i] for i in idx], C.input_device(model),
+                        0 if prefix is None else prefix.shape[1])
 
 
 def prefix_kv(model, ids):
@@ -234,7 +290,7 @@ def shared_prefix(tok, prompts, targets, model):
     p = 0
     while all(len(x) > p + 1 and x[p] == ids[0][p] for x in ids):
         p += 1
-    window = getattr(getattr(model.config, "text_config", model.config), "sliding_window", None)
+    window = getattr(C.text_config(model), "sliding_window", None)
     if p == 0 or (window and p + max(len(x) + len(y) for x, y in zip(ids, targets)) > window):
         return None
     return torch.tensor([ids[0][:p]], device=C.input_device(model))
@@ -253,7 +309,8 @@ def kl_per_example(clean_logits, logits, batch):
     """Mean over the retain tokens and the last template token of KL(P_clean || P_ablated), per row."""
     k = logits.shape[1]
     used = torch.arange(k, device=logits.device) >= (k - 1 - batch["n_target"])[:, None]
-    logp, logq = C.at_least_fp32(clean_logits).log_softmax(-1), C.at_least_fp32(logits).log_softmax(-1)
+    logp = C.at_least_fp32(clean_logits.to(logits.device)).log_softmax(-1)  # (--device multi: the head's GPU)
+    logq = C.at_least_fp32(logits).log_softmax(-1)
     kl = (logp.exp() * (logp - logq)).sum(-1)
     return (kl * used).sum(1) / used.sum(1)
 
@@ -268,6 +325,14 @@ def addition_loss(model, r, b, alpha, layer):
     """Line 4, per example: CE(f_add(alpha r_hat, l)(p_safe), t_refusal)."""
     with C.activation_addition(model, alpha * r / r.norm(dim=-1, keepdim=True), layer):
         return ce_per_example(window_logits(model, b, int(b["n_target"].max()) + 1), b)
+
+
+def unembed(model, h):
+    """Logits from what the LM head sees, as the model makes them (Gemma-2 caps its logits)."""
+    head = model.get_output_embeddings()
+    logits = head(h.to(head.weight.device))  # (--device multi: the head may sit on another GPU)
+    cap = getattr(C.text_config(model), "final_logit_softcapping", None)
+    return logits if cap is None else torch.tanh(logits / cap) * cap
 
 
 def retain_loss(model, r, b):
@@ -287,60 +352,6 @@ def retain_loss(model, r, b):
         return kl_per_example(clean, window_logits(model, b, k), b)
 
 
-def unembed(model, h):
-    """Logits from what the LM head sees, as the model makes them (Gemma-2 caps its logits)."""
-    head = model.get_output_embeddings()
-    logits = head(h.to(head.weight.device))  # (--device multi: the head may sit on another GPU)
-    cap = getattr(getattr(model.config, "text_config", None) or model.config, "final_logit_softcapping", None)
-    return logits if cap is None else torch.tanh(logits / cap) * cap
-
-
-@torch.no_grad()
-def clean_states(model, tok, safe, retain, micro_batch):
-    """Line 5's clean pass f(p_safe + t_retain) for every pair, once: it does not depend on r, so no step needs to
-    run it again. Kept per pair: the LM head's input at the KL's positions (the last template token and the retain
-    tokens), (len(t_retain) + 1, d); the logits themselves would take 150-250 times more (the vocabulary).
-    None where the model's logits are not unembed() of that input (the steps then run the clean pass)."""
-    seen, out = [], [None] * len(safe)
-    order = sorted(range(len(safe)), key=lambda i: len(tok(safe[i], add_special_tokens=False)["input_ids"]) + len(retain[i]))
-    prefix = shared_prefix(tok, safe, retain, model)
-    kv = None if prefix is None else prefix_kv(model, prefix)
-    handle = model.get_output_embeddings().register_forward_hook(lambda m, args, _: seen.append(args[0]))
-    try:
-        for j in tqdm(range(0, len(safe), micro_batch), desc="clean retain states"):
-            idx = order[j:j + micro_batch]
-            b = pack(tok, [safe[i] for i in idx], [retain[i] for i in idx], C.input_device(model),
-                     0 if prefix is None else prefix.shape[1])
-            b["kv"] = kv
-            logits = window_logits(model, b, int(b["n_target"].max()) + 1)
-            h = seen.pop()
-            if j == 0 and not torch.allclose(unembed(model, h).float(), logits.float(), rtol=1e-2, atol=1e-2):
-                print("this model's logits are not its LM head's output (a scale?): the clean retain pass runs in every step")
-                return None
-            for row, i in enumerate(idx):
-                out[i] = h[row, h.shape[1] - len(retain[i]) - 1:].clone()
-    finally:
-        handle.remove()
-    return out
-
-
-def get_clean_states(model, tok, safe, retain, path, micro_batch):
-    """clean_states, cached beside the targets they belong to (path: their .json)."""
-    from safetensors.torch import load_file, save_file
-    cached = os.path.splitext(path)[0] + ".clean.safetensors"
-    sizes = [len(t) + 1 for t in retain]
-    if os.path.isfile(cached):
-        h = load_file(cached)["h"]
-        if h.shape == (sum(sizes), C.hidden_size(model)):
-            print(f"clean retain states from cache {cached}")
-            return list(h.to(C.input_device(model)).split(sizes))
-    states = clean_states(model, tok, safe, retain, micro_batch)
-    if states is not None:
-        C.atomic_write(cached, lambda tmp: save_file({"h": torch.cat(states).cpu()}, tmp))
-        print(f"clean retain states cached in {cached}")
-    return states
-
-
 def loss_and_grad(model, tok, r, batch, alpha, layer, lambdas, micro_batch):
     """COMPUTELOSS (line 6: L = sum of lambda * loss) over a batch of (p_harm, p_safe, t_answer, t_refusal, t_retain),
     each with its clean_states as a sixth element where they were computed, leaving dL/dr in r.grad. Returns L and
@@ -353,10 +364,9 @@ def loss_and_grad(model, tok, r, batch, alpha, layer, lambdas, micro_batch):
     ablation and retain losses share theirs); the rows continue from its keys and values (leaves of their own),
     whose gradients go back through the prefix pass at the end.
     """
-    device, n = C.input_device(model), len(batch)
+    n = len(batch)
     harm, safe, answer, refusal, retain, *states = zip(*batch)
     states = states[0] if states else None  # clean retain states (clean_states), or a clean pass here
-    n_tokens = {p: len(tok(p, add_special_tokens=False)["input_ids"]) for p in harm + safe}
     losses = {"abl": lambda b, r: ablation_loss(model, r, b), "add": lambda b, r: addition_loss(model, r, b, alpha, layer),
               "ret": lambda b, r: retain_loss(model, r, b)}
     # the prefix runs under the same intervention as its loss's rows (the loss functions above apply them to those)
@@ -365,7 +375,6 @@ def loss_and_grad(model, tok, r, batch, alpha, layer, lambdas, micro_batch):
              "add": lambda: C.activation_addition(model, alpha * r / r.norm(), layer)}
     sums, prefixes = {}, {}  # (intervention, prefix ids) -> (prefix kv, its leaves)
     for key, prompts, targets in (("abl", harm, answer), ("add", safe, refusal), ("ret", safe, retain)):
-        order = sorted(range(n), key=lambda i: n_tokens[prompts[i]] + len(targets[i]))
         prefix = shared_prefix(tok, prompts, targets, model) if r.dim() == 1 else None  # one direction per row: no sharing
         leaves = clean_kv = None
         if prefix is not None:
@@ -379,9 +388,7 @@ def loss_and_grad(model, tok, r, batch, alpha, layer, lambdas, micro_batch):
                 with torch.no_grad():
                     clean_kv = prefix_kv(model, prefix)
         sums[key] = 0.0
-        for j in range(0, n, micro_batch):
-            idx = order[j:j + micro_batch]
-            b = pack(tok, [prompts[i] for i in idx], [targets[i] for i in idx], device, 0 if prefix is None else prefix.shape[1])
+        for idx, b in micro_batches(tok, prompts, targets, micro_batch, model, prefix):
             b["kv"], b["clean_kv"] = leaves, clean_kv
             if key == "ret" and states is not None:
                 b["clean_h"] = [states[i] for i in idx]
@@ -563,8 +570,7 @@ def setup(args, method):
     alpha = args.alpha if args.alpha is not None else dim_vec.norm().item()
     targets = get_targets(model, tok, harm[:n], safe[:n], dim_vec, dim_layer, args)  # DIM acts at its own layer
     micro_batch = args.micro_batch or (args.effective_batch if device.type == "cuda" else 2)
-    clean = get_clean_states(model, tok, safe[:n], targets["retain"],
-                             targets_path(model, harm[:n], safe[:n], dim_vec, dim_layer, args), micro_batch)
+    clean = get_clean_states(model, tok, safe[:n], targets["retain"], args, micro_batch)
     replaced = None
     if args.judge_refusals:
         targets["refusal"], replaced = judged_refusals(tok, targets["refusal"])
@@ -601,8 +607,8 @@ def batch_order(n, batch, epochs, g):
 def training_batch(S, idx):
     """(p_harm, p_safe, t_answer, t_refusal, t_retain, clean retain states if any) for the given pair indices."""
     t = S.targets
-    return [(S.harm[i], S.safe[i], t["answer"][i], t["refusal"][i], t["retain"][i]) + (() if S.clean is None else
-            (S.clean[i],)) for i in idx]
+    rows = [(S.harm[i], S.safe[i], t["answer"][i], t["refusal"][i], t["retain"][i]) for i in idx]
+    return rows if S.clean is None else [row + (S.clean[i],) for row, i in zip(rows, idx)]
 
 
 def main(argv=None):

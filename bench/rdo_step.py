@@ -102,16 +102,11 @@ def floor_step(model, tok, batch, micro_batch):
     loss where rdo.shared_prefix shares it) with no hooks and no losses: the gradient enters through one add-zero
     hook at block 0 (at the addition layer for the addition pass, as in rdo.py) instead of through r."""
     harm, safe, answer, refusal, retain = zip(*batch)
-    n_tokens = {p: len(tok(p, add_special_tokens=False)["input_ids"]) for p in harm + safe}
     for key, prompts, targets in (("abl", harm, answer), ("add", safe, refusal), ("ret", safe, retain)):
-        order = sorted(range(len(batch)), key=lambda i: n_tokens[prompts[i]] + len(targets[i]))
         prefix = rdo.shared_prefix(tok, prompts, targets, model)
         with torch.no_grad():
             kv = None if prefix is None else rdo.prefix_kv(model, prefix)
-        for j in range(0, len(batch), micro_batch):
-            idx = order[j:j + micro_batch]
-            b = rdo.pack(tok, [prompts[i] for i in idx], [targets[i] for i in idx], C.input_device(model),
-                         0 if prefix is None else prefix.shape[1])
+        for _, b in rdo.micro_batches(tok, prompts, targets, micro_batch, model, prefix):
             k = int(b["n_target"].max()) + 1
             b["kv"] = kv
             zero = torch.zeros(C.hidden_size(model), device=C.input_device(model), requires_grad=True)
@@ -144,16 +139,18 @@ def child(variants, dtype, micro_batch, repeats, examples_path, device, random_w
     batch = [tuple(e) for e in json.load(open(examples_path))]
     r0 = torch.nn.functional.normalize(torch.randn(C.hidden_size(model), generator=torch.Generator().manual_seed(0)), dim=0).to(dev)
     alpha, layer = 12.0, LAYER
+    clean_seconds, with_states = None, batch
+    # rdo.py's clean retain states, made once per target set as its setup makes them (and caches them); before the
+    # peak memory is reset below, so that the peak counts the steps only
+    if "rdo.py" in variants:
+        sync(dev)
+        with_states, clean_seconds = with_clean_states(model, tok, batch, micro_batch)
     if dev.type == "cuda":  # torch's peak allocated memory over the loaded model
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated() / 2**20
     else:
         open("/proc/self/clear_refs", "w").write("5")  # reset the peak (VmHWM) to the current RSS: loading is not counted
         base = rss_mb()
-    clean_seconds, with_states = None, batch
-    if "rdo.py" in variants:  # as rdo.py's setup does, once per target set (and cached on disk)
-        sync(dev)
-        with_states, clean_seconds = with_clean_states(model, tok, batch, micro_batch)
     step = {"reference": lambda r: reference_step(model, tok, r, batch, alpha, layer),
             "rdo.py": lambda r: rdo.loss_and_grad(model, tok, r, with_states, alpha, layer, LAMBDAS, micro_batch)["loss"],
             "inline": lambda r: rdo.loss_and_grad(model, tok, r, batch, alpha, layer, LAMBDAS, micro_batch)["loss"],

@@ -1,5 +1,6 @@
 """rdo.py: the three losses by hand, the sphere geometry, the schedule, targets cache, RDO-perp, resume."""
 import contextlib, json, math, os
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -88,60 +89,76 @@ def test_loss_and_gradient_match_the_plain_algorithm(family, micro_batch, lambda
 
 
 @pytest.mark.parametrize("family", ["qwen2", "gemma2"])
-def test_clean_states_give_the_clean_pass_loss_and_gradient(family, monkeypatch):
+@pytest.mark.parametrize("how", ["shared prefix", "rows whole", "a direction per row"])
+def test_clean_states_give_the_clean_pass_loss_and_gradient(family, how, monkeypatch):
     """The retain loss from precomputed clean states (the LM head's input, through the LM head again) equals the one
-    from a clean pass in the step; on Gemma-2 with a logit cap that bites (the tiny model's logits are small).
-    Qwen2 in float64, exact: the tiny model's KL is ~1e-4, near fp32's rounding of a difference of logits (Gemma-2
-    in float64 gives NaN on padded rows in transformers 5.24: float32 there, to a tolerance)."""
+    from a clean pass in the step: with the CPU's shared prefix, with every row whole (the GPU rule), and with one
+    direction per row (rco.py); an empty retain target among them; states made at another micro-batch than the
+    step's. On Gemma-2 with a logit cap that bites (the tiny model's logits are small). Qwen2 in float64, exact:
+    the tiny model's KL is ~1e-4, near fp32's rounding of a difference of logits (Gemma-2 in float64 gives NaN on
+    padded rows in transformers 5.24: float32 there, to a tolerance). Gemma-2 never shares the prefix (its
+    sliding window)."""
     model, tok = make_model(family)
     dtype, tol = (torch.float64, 1e-9) if family == "qwen2" else (torch.float32, 1e-4)
     model.to(dtype)
     if family == "gemma2":
         model.config.final_logit_softcapping = 0.1
+    if how == "rows whole":
+        monkeypatch.setattr(rdo, "SHARE_PREFIX", set())
     tg = {"answer": [[40, 41, 42], [43, 44], [45, 46, 47, 48]], "refusal": [[45], [46, 47, 48, 49], [50, 51]],
-          "retain": [[50, 51], [52, 53, 54], [55]]}
+          "retain": [[50, 51], [], [55, 56, 57]]}
     batch = list(zip(HARMFUL[:3], HARMLESS[:3], tg["answer"], tg["refusal"], tg["retain"]))
-    states = rdo.clean_states(model, tok, HARMLESS[:3], tg["retain"], 2)
+    states = rdo.clean_states(model, tok, HARMLESS[:3], tg["retain"], 3)
     assert [s.shape for s in states] == [(len(t) + 1, C.hidden_size(model)) for t in tg["retain"]]
+    with_states = [b + (s,) for b, s in zip(batch, states)]
     lam = {"abl": 1.0, "add": 0.2, "ret": 1.0}
     torch.manual_seed(0)
-    r1 = torch.randn(C.hidden_size(model), dtype=dtype).requires_grad_(True)
-    r2 = r1.detach().clone().requires_grad_(True)
+    r = torch.randn(*((3,) if how == "a direction per row" else ()), C.hidden_size(model), dtype=dtype)
+    r1, r2, r3 = (r.clone().requires_grad_(True) for _ in range(3))
     clean_passes, real = [], rdo.window_logits
     monkeypatch.setattr(rdo, "window_logits", lambda *a, kv="kv": clean_passes.append(kv == "clean_kv") or real(*a, kv=kv))
     inline = rdo.loss_and_grad(model, tok, r1, batch, 3.0, 1, lam, 2)
     assert sum(clean_passes) == 2  # one per micro-batch
     clean_passes.clear()
-    cached = rdo.loss_and_grad(model, tok, r2, [b + (s,) for b, s in zip(batch, states)], 3.0, 1, lam, 2)
+    cached = rdo.loss_and_grad(model, tok, r2, with_states, 3.0, 1, lam, 2)
     assert len(clean_passes) == 6 and sum(clean_passes) == 0  # the loss passes only
     assert cached["ret"] > 0 and cached["ret"] == pytest.approx(inline["ret"], rel=tol)
     torch.testing.assert_close(r1.grad, r2.grad, rtol=tol, atol=tol * 1e-3)
-    if family == "gemma2":  # the cap bites: the comparison above would fail without it
-        capped = rdo.unembed(model, states[0])
-        monkeypatch.setattr(model.config, "final_logit_softcapping", None)
-        assert capped.abs().max() < 0.1 < (rdo.unembed(model, states[0]) - capped).abs().max()
+    if family == "gemma2":  # the cap bites: without it in unembed, the comparison above fails
+        monkeypatch.setattr(rdo, "unembed", lambda m, h: m.get_output_embeddings()(h))
+        uncapped = rdo.loss_and_grad(model, tok, r3, with_states, 3.0, 1, lam, 2)
+        assert uncapped["ret"] != pytest.approx(inline["ret"], rel=100 * tol)
 
 
-def test_clean_states_fall_back_to_a_clean_pass_where_logits_are_not_the_heads(monkeypatch, capsys):
-    model, tok = make_model("llama")
+def test_clean_states_fall_back_to_a_clean_pass_where_logits_are_not_the_heads(setup, monkeypatch, capsys):
+    base, tmp, _ = setup
     real = rdo.unembed
     monkeypatch.setattr(rdo, "unembed", lambda m, h: 2 * real(m, h))  # a model that scales its logits
-    assert rdo.clean_states(model, tok, HARMLESS[:3], [[50, 51], [52], [53]], 2) is None
-    assert "runs in every step" in capsys.readouterr().out
-
-
-def test_clean_states_are_cached_beside_the_targets(tmp_path, monkeypatch):
     model, tok = make_model("llama")
+    args = SimpleNamespace(model="tiny", cache=str(tmp / "c"))
+    assert rdo.get_clean_states(model, tok, HARMLESS[:3], [[50, 51], [52], [53]], args, 2) is None
+    assert "runs in every step" in capsys.readouterr().out and not os.path.exists(tmp / "c")  # nothing cached
+    clean_passes, real_logits = [], rdo.window_logits
+    monkeypatch.setattr(rdo, "window_logits", lambda *a, kv="kv": clean_passes.append(kv == "clean_kv") or real_logits(*a, kv=kv))
+    rdo.main(base + ["--max-steps", "2", "--out", str(tmp / "fallback")])  # trains with the clean pass in the step
+    assert sum(clean_passes) == 2 * 2 and len(json.load(open(tmp / "fallback" / "rdo.json"))["history"]) == 2
+    assert not [f for f in os.listdir(tmp / "cache") if f.startswith("clean_")]
+
+
+def test_clean_states_are_cached_under_what_they_depend_on(tmp_path, monkeypatch):
+    model, tok = make_model("llama")
+    args = SimpleNamespace(model="tiny", cache=str(tmp_path))
     retain = [[50, 51], [52, 53, 54], [55]]
-    path = str(tmp_path / "targets_x.json")
     calls, real = [], rdo.clean_states
     monkeypatch.setattr(rdo, "clean_states", lambda *a: calls.append(1) or real(*a))
-    first = rdo.get_clean_states(model, tok, HARMLESS[:3], retain, path, 2)
-    assert os.path.isfile(tmp_path / "targets_x.clean.safetensors") and len(calls) == 1
-    again = rdo.get_clean_states(model, tok, HARMLESS[:3], retain, path, 2)
-    assert len(calls) == 1 and all(torch.equal(a, b) for a, b in zip(first, again))
-    other = rdo.get_clean_states(model, tok, HARMLESS[:3], [[50], [52], [55]], path, 2)  # sizes differ: recomputed
-    assert len(calls) == 2 and [len(s) for s in other] == [2, 2, 2]
+    first = rdo.get_clean_states(model, tok, HARMLESS[:3], retain, args, 2)
+    assert len(calls) == 1 and len([f for f in os.listdir(tmp_path) if f.startswith("clean_")]) == 1
+    again = rdo.get_clean_states(model, tok, HARMLESS[:3], retain, args, 2)
+    assert len(calls) == 1 and all(torch.equal(a, b) for a, b in zip(first, again))  # from the cache
+    other = rdo.get_clean_states(model, tok, HARMLESS[:3], [[50, 51], [52, 53, 60], [55]], args, 2)  # same sizes
+    assert len(calls) == 2 and not torch.equal(other[1], first[1])
+    rdo.get_clean_states(model, tok, HARMLESS[1:4], retain, args, 2)  # other prompts
+    assert len(calls) == 3
 
 
 def test_tangent_projection_and_renormalisation():
@@ -234,7 +251,7 @@ def test_rdo_perp_stays_orthogonal(setup):
     assert d["direction"].norm().item() == pytest.approx(1.0, abs=1e-5)
     assert len(meta["history"]) == 3 and meta["chosen_step"] in (0, 1, 2)
     assert not os.path.exists(tmp / "perp" / "rdo_checkpoint.pt")
-    assert [f for f in os.listdir(tmp / "cache") if f.endswith(".clean.safetensors")]  # the clean retain states
+    assert [f for f in os.listdir(tmp / "cache") if f.startswith("clean_")]  # the clean retain states
 
 
 def test_resume_reaches_the_same_direction(setup):
