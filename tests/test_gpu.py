@@ -37,6 +37,12 @@ def test_rdo_loss_and_gradient_on_cuda_match_the_cpu():
     gpu = rdo.loss_and_grad(model, tok, r2, batch, 3.0, 1, lam, 2)
     assert gpu["loss"] == pytest.approx(cpu["loss"], rel=1e-3)
     torch.testing.assert_close(r2.grad.cpu(), r1.grad, rtol=1e-2, atol=1e-4)
+    states = rdo.clean_states(model, tok, HARMLESS[:2], tg["retain"], 2)  # rdo.py's step: the clean side precomputed
+    assert all(s.device.type == "cuda" for s in states)
+    r4 = r.cuda().requires_grad_(True)
+    cached = rdo.loss_and_grad(model, tok, r4, [b + (s,) for b, s in zip(batch, states)], 3.0, 1, lam, 2)
+    assert cached["ret"] == pytest.approx(gpu["ret"], rel=1e-4, abs=1e-7)
+    torch.testing.assert_close(r4.grad, r2.grad, rtol=1e-3, atol=1e-6)
     model.to(torch.bfloat16)
     r3 = r.cuda().requires_grad_(True)
     bf = rdo.loss_and_grad(model, tok, r3, batch, 3.0, 1, lam, 2)
