@@ -139,18 +139,18 @@ def child(variants, dtype, micro_batch, repeats, examples_path, device, random_w
     batch = [tuple(e) for e in json.load(open(examples_path))]
     r0 = torch.nn.functional.normalize(torch.randn(C.hidden_size(model), generator=torch.Generator().manual_seed(0)), dim=0).to(dev)
     alpha, layer = 12.0, LAYER
-    clean_seconds, with_states = None, batch
-    # rdo.py's clean retain states, made once per target set as its setup makes them (and caches them); before the
-    # peak memory is reset below, so that the peak counts the steps only
-    if "rdo.py" in variants:
-        sync(dev)
-        with_states, clean_seconds = with_clean_states(model, tok, batch, micro_batch)
     if dev.type == "cuda":  # torch's peak allocated memory over the loaded model
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated() / 2**20
     else:
         open("/proc/self/clear_refs", "w").write("5")  # reset the peak (VmHWM) to the current RSS: loading is not counted
         base = rss_mb()
+    clean_seconds, with_states = None, batch
+    # rdo.py's clean retain states, made once per target set as its setup makes them (and caches them). Inside the
+    # peak: resetting it after them would count less than a run holds (the freed memory stays in the RSS baseline)
+    if "rdo.py" in variants:
+        sync(dev)
+        with_states, clean_seconds = with_clean_states(model, tok, batch, micro_batch)
     step = {"reference": lambda r: reference_step(model, tok, r, batch, alpha, layer),
             "rdo.py": lambda r: rdo.loss_and_grad(model, tok, r, with_states, alpha, layer, LAMBDAS, micro_batch)["loss"],
             "inline": lambda r: rdo.loss_and_grad(model, tok, r, batch, alpha, layer, LAMBDAS, micro_batch)["loss"],
