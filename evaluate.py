@@ -165,7 +165,8 @@ def open_journal(path, args, dirs, data):
                 entry = json.loads(line)
             except json.JSONDecodeError:
                 break  # the last line, cut short
-            done[entry["key"]], lines = entry["value"], lines + [line]
+            done[entry["key"]] = entry["value"]
+            lines.append(line)
         print(f"resuming: {len(done)} generations read back from {path}")
     f = None  # the file, once open
 

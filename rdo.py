@@ -209,14 +209,15 @@ def get_clean_states(model, tok, safe, retain, args, micro_batch):
     another layer, from another DIM, reuses them where its retain targets are the same)."""
     from safetensors.torch import load_file, save_file
     key = C.json_hash([args.model, safe, retain, str(model.dtype)])
-    path = os.path.join(cache_folder(args), f"clean_{key}.safetensors")
+    folder = cache_folder(args)
+    path = os.path.join(folder, f"clean_{key}.safetensors")
     head = model.get_output_embeddings().weight.device  # where clean_states leaves them
     if os.path.isfile(path):
         print(f"clean retain states from cache {path}")
         return list(load_file(path)["h"].to(head).split([len(t) + 1 for t in retain]))
     states = clean_states(model, tok, safe, retain, micro_batch)
     if states is not None:
-        os.makedirs(cache_folder(args), exist_ok=True)
+        os.makedirs(folder, exist_ok=True)
         C.atomic_write(path, lambda tmp: save_file({"h": torch.cat(states).cpu()}, tmp))
         print(f"clean retain states cached in {path}")
     return states
@@ -467,10 +468,8 @@ def choose_sign(model, tok, r, opt, batch, alpha, layer, micro_batch):
     warm-up may have reached either of two mirror images; keep the one whose addition loss is lower on this batch.
     Adam's first moment flips with r (its second does not change), so the steps after a flip are mirrored too.
     Returns whether r flipped."""
-    safe, refusal = [x[1] for x in batch], [x[3] for x in batch]
-    mean_loss = lambda v: sum(addition_loss(model, v, pack(tok, safe[j:j + micro_batch], refusal[j:j + micro_batch],
-                                                           C.input_device(model)), alpha, layer).sum().item()
-                              for j in range(0, len(batch), micro_batch)) / len(batch)
+    rows = list(micro_batches(tok, [x[1] for x in batch], [x[3] for x in batch], micro_batch, model))
+    mean_loss = lambda v: sum(addition_loss(model, v, b, alpha, layer).sum().item() for _, b in rows) / len(batch)
     flip = mean_loss(-r) < mean_loss(r)
     if flip:
         r.neg_()
