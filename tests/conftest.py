@@ -6,6 +6,16 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+@pytest.fixture(scope="session", autouse=True)
+def one_thread():
+    """The tiny models' matrices are too small to share among threads: one thread is faster, and much faster
+    where other processes load the cores. (Real-model tests set their own.)"""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @contextlib.contextmanager
 def interrupted_at_call(owner, name, n):
     """Inside the block, the n-th call of owner.name raises KeyboardInterrupt (a Ctrl-C at that point of a run),

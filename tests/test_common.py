@@ -46,10 +46,13 @@ def test_refusal_score_by_hand():
     assert s[1].item() == pytest.approx(math.log(0.35 / 0.65))
 
 
-def test_kl_by_hand():
-    p, q = torch.tensor([[0.5, 0.5]]), torch.tensor([[0.9, 0.1]])
-    assert C.kl_last(p.log(), q.log()) == pytest.approx(0.5 * math.log(0.5 / 0.9) + 0.5 * math.log(0.5 / 0.1))
-    assert C.kl_last(p.log(), p.log() + 3.0) == pytest.approx(0.0, abs=1e-12)  # logits shift: same distribution
+def test_kl_by_hand_and_its_direction():
+    p, q = torch.tensor([[0.5, 0.5]], dtype=torch.float64), torch.tensor([[0.9, 0.1]], dtype=torch.float64)
+    want = 0.5 * math.log(0.5 / 0.9) + 0.5 * math.log(0.5 / 0.1)  # KL(P || Q); KL(Q || P) is 0.368, not 0.511
+    assert C.kl(p.log(), q.log()).item() == pytest.approx(want, rel=1e-12)
+    assert C.kl(q.log(), p.log()).item() != pytest.approx(want, rel=1e-2)
+    assert C.kl(p.log(), p.log() + 3.0).item() == pytest.approx(0.0, abs=1e-12)  # logits shift: same distribution
+    assert C.kl(p.float().log(), q.float().log()).dtype == torch.float32  # fp32 at least, fp64 kept
 
 
 @pytest.mark.parametrize("text, refused", [
@@ -64,14 +67,38 @@ def test_substring_judge(text, refused):
     assert C.is_refusal(text) is refused
 
 
-def test_refusal_rate():
-    assert C.refusal_rate(["I cannot", "Sure", "", "Here you go"]) == 0.5
-
-
-def test_refusal_tokens_are_first_tokens_of_refusal_words():
+def test_refusal_tokens_given_by_hand_are_first_tokens_of_the_words():
     tok = make_tokenizer()
-    ids = C.refusal_token_ids(tok)
+    ids, info = C.refusal_tokens(None, tok, [], words=["I", "As", "Sorry"])
     assert sorted(tok.decode([i]) for i in ids) == ["A", "I", "S"]  # byte-level: first letter of I / As / Sorry
+    assert info["source"] == "given" and info["words"] == ["I", "As", "Sorry"]
+
+
+def stub_generation(monkeypatch, tok, completions):
+    """C.generate_ids answering each prompt with the given completion's token ids."""
+    ids = [tok(c, add_special_tokens=False)["input_ids"] for c in completions]
+    monkeypatch.setattr(C, "generate_ids", lambda model, tok, prompts, *a, **k: ids[:len(prompts)])
+
+
+def test_refusal_tokens_are_the_first_tokens_of_the_models_own_refusals(monkeypatch):
+    """The default: the first tokens of the completions that the judge calls refusals, each kept that starts at
+    least 10% of them; answers, and rare openings, do not count."""
+    tok = make_tokenizer()
+    completions = (["I'm sorry, I can't."] * 6 + ["Sorry, I cannot help."] * 3 + ["As an AI, no."] * 1
+                   + ["Unfortunately I cannot do that."] * 1 + ["Sure, here it is"] * 9 + ["Xylophone: I am unable to"])
+    stub_generation(monkeypatch, tok, completions)
+    ids, info = C.refusal_tokens(None, tok, ["p"] * len(completions), n=len(completions))
+    assert info["source"] == "derived" and info["refusals"] == 12  # 6 + 3 + 1 + 1 + 1
+    assert sorted(tok.decode([i]) for i in ids) == ["I", "S"]  # "S" of Sorry: 3 of 12; A, U, X: 1 of 12 each
+
+
+def test_refusal_tokens_fall_back_to_a_fixed_set_when_the_model_rarely_refuses(monkeypatch, capsys):
+    tok = make_tokenizer()
+    stub_generation(monkeypatch, tok, ["Sure."] * 20 + ["I cannot."] * 3)
+    ids, info = C.refusal_tokens(None, tok, ["p"] * 23, n=23)
+    assert info["source"] == "fallback" and info["refusals"] == 3
+    assert ids == C.refusal_tokens(None, tok, [], words=C.FALLBACK_REFUSAL_WORDS)[0]
+    assert "fixed refusal tokens" in capsys.readouterr().out
 
 
 def test_last_logits_match_unpadded_single_prompts():
@@ -205,10 +232,11 @@ def test_direction_of_the_wrong_size_is_rejected(tmp_path):
     with pytest.raises(C.RefusalError, match="hidden size is 32"):
         C.load_direction(path, model)
     with pytest.raises(C.RefusalError, match="NaN"):
-        C.check_direction(model, torch.full((32,), float("nan")))
+        C.load_direction(C.save_result(str(tmp_path / "n"), "dim", {"direction": torch.full((32,), float("nan"))}, {}),
+                         model)
     for zero in (torch.zeros(32), torch.stack([torch.randn(32), torch.zeros(32)])):  # a set with one zero row too
         with pytest.raises(C.RefusalError, match="zero vector"):
-            C.check_direction(model, zero)
+            C.load_direction(C.save_result(str(tmp_path / "z"), "dim", {"direction": zero}, {}), model)
     other = C.save_result(str(tmp_path / "o"), "x", {"weights": torch.randn(32)}, {})
     with pytest.raises(C.RefusalError, match="holds no tensor named direction/directions/basis"):
         C.load_direction(other, model)
@@ -255,9 +283,7 @@ def test_named_sets_follow_the_paper_recipe(monkeypatch):
                                          (("GPTFuzzer", 300), ("HH-harmless", 100), ("Multilingual", 50),
                                           ("ToxicChat", 50), ("Advbench", 400)) for i in range(n)],
             "tatsu-lab/alpaca": [{"instruction": f"task {i}", "input": "" if i % 3 else "ctx"} for i in range(900)],
-            "walledai/XSTest": [{"prompt": f"p{i}", "label": "safe" if i % 2 else "unsafe"} for i in range(6)],
-            "sorry-bench/sorry-bench-202406": [{"turns": [f"q{i}"], "prompt_style": "base" if i < 2 else "slang"}
-                                               for i in range(4)]}
+            "walledai/XSTest": [{"prompt": f"p{i}", "label": "safe" if i % 2 else "unsafe"} for i in range(6)]}
     monkeypatch.setattr(datasets, "load_dataset", lambda hub_id, config=None, split=None: rows[hub_id])
     train, val = C.get_prompts("saladbench", 10_000, 10_000)
     both = train + val
@@ -271,7 +297,6 @@ def test_named_sets_follow_the_paper_recipe(monkeypatch):
     assert len(val) == len(test) == 128 and len(set(train + val + test)) == len(train) + 256 == 600
     assert C.get_prompts("saladbench", 0, 128, test=True)[1] == C.get_prompts("saladbench", 0, 128)[1]  # no test split
     assert C.get_prompts("xstest", 0, 100)[1] == ["p1", "p3", "p5"]  # the safe prompts only, in order
-    assert C.get_prompts("sorrybench", 0, 100)[1] == ["q0", "q1"]  # the base prompts, not the mutated styles
     monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: (_ for _ in ()).throw(ConnectionError("offline")))
     with pytest.raises(C.RefusalError, match="offline, pass a local"):
         C.get_prompts("jailbreakbench", 0, 100)
@@ -341,19 +366,17 @@ def test_the_unembedding_gets_a_densely_strided_input_and_the_same_logits(tiny_d
     torch.testing.assert_close(kept, full[:, -3:], rtol=1e-5, atol=1e-5)
 
 
-def test_token_ce_is_cross_entropy_in_chunks_with_its_gradient():
-    """token_ce = F.cross_entropy row by row in fp32 for bf16 logits: chunked without autograd, one pass with it
-    (and the same gradient)."""
+def test_ce_per_example_averages_each_rows_target_tokens_only():
+    """Rows of a left-padded batch whose targets (2 and 1 tokens) end at the last position: the CE of row i is the
+    mean of -log p(target token) over its own target positions, computed by hand."""
     g = torch.Generator().manual_seed(0)
-    logits = (3 * torch.randn(21, 50, generator=g)).bfloat16()
-    labels = torch.randint(0, 50, (21,), generator=g)
-    want = torch.nn.functional.cross_entropy(logits.float(), labels, reduction="none")
-    got = C.token_ce(logits, labels, chunk=4)
-    assert got.dtype == torch.float32 and torch.equal(got, want)
-    x = logits.clone().requires_grad_(True)
-    (ga,) = torch.autograd.grad(C.token_ce(x, labels, chunk=4).sum(), x)
-    (gb,) = torch.autograd.grad(torch.nn.functional.cross_entropy(x.float(), labels, reduction="none").sum(), x)
-    assert torch.equal(ga, gb)
+    logits = torch.randn(2, 3, 7, generator=g, dtype=torch.float64)  # the last k = 3 positions
+    ids = torch.tensor([[5, 1, 2, 3], [6, 4, 0, 6]])
+    b = {"input_ids": ids, "n_target": torch.tensor([2, 1])}
+    logp = logits.log_softmax(-1)
+    want = torch.stack([-(logp[0, 0, 2] + logp[0, 1, 3]) / 2, -logp[1, 1, 6]])  # position j predicts token j + 1
+    torch.testing.assert_close(C.ce_per_example(logits, b), want)
+    assert C.ce_per_example(logits.bfloat16(), b).dtype == torch.float32
 
 
 def test_help_shows_zero_and_none_defaults_but_not_flags():
@@ -383,3 +406,26 @@ def test_provenance_outside_a_git_checkout_says_unknown(monkeypatch):
     monkeypatch.setattr(C.subprocess, "run", lambda *a, **k: C.subprocess.CompletedProcess(a, 128, "", "not a git repository"))
     p = C.provenance(types.SimpleNamespace(seed=3))
     assert p["git_commit"] is None and p["git_uncommitted_changes"] is None and p["seed"] == 3
+
+
+def test_tangent_is_per_row_for_a_basis():
+    """For a (k, d) basis each row's gradient loses its component along that row only: a projection on the whole
+    basis (or on the flattened matrix) leaves each row's own component (or removes others')."""
+    g = torch.Generator().manual_seed(0)
+    B = torch.nn.functional.normalize(torch.randn(3, 8, generator=g, dtype=torch.float64), dim=-1)
+    G = torch.randn(3, 8, generator=g, dtype=torch.float64)
+    T = C.tangent(G, B)
+    torch.testing.assert_close((T * B).sum(-1), torch.zeros(3, dtype=torch.float64))
+    for i in range(3):  # row i equals the single-vector tangent of row i
+        torch.testing.assert_close(T[i], C.tangent(G[i], B[i]))
+    flat = G - (G * B).sum() * B  # the wrong, whole-matrix projection
+    assert (flat * B).sum(-1).abs().max() > 1e-3
+
+
+def test_plateau_drops_the_lr_after_patience_bad_steps_at_most_twice_then_stops():
+    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+    state = {"best": float("inf"), "bad": 0, "drops": 0}
+    losses = [5, 4, 4, 4, 4, 4, 4, 4, 4, 4, 4]  # patience 3: drops at steps 4 and 7, stops at step 10
+    stops = [C.plateau(state, x, opt, patience=3, max_drops=2) for x in losses]
+    lr = opt.param_groups[0]["lr"]
+    assert stops == [False] * 10 + [True] and lr == pytest.approx(0.01) and state["drops"] == 2

@@ -109,14 +109,41 @@ def test_addition_shifts_only_the_chosen_block_input_by_alpha_r_hat(family):
             torch.testing.assert_close(x2, x)
 
 
-def test_addition_applies_to_generated_tokens():
-    model, tok = make_model("llama")
-    batch = C.tokenize(tok, PROMPTS)
-    gen = lambda: model.generate(**batch, max_new_tokens=5, do_sample=False, pad_token_id=tok.pad_token_id)
-    base = gen()
-    with C.activation_addition(model, 50 * torch.randn(C.hidden_size(model)), 1):
-        steered = gen()
-    assert not torch.equal(base, steered)
+@pytest.mark.parametrize("family", ["llama", "gemma2"])
+def test_addition_and_ablation_act_on_every_generated_token(family):
+    """During generate (KV cache), each decoding step's new token passes through the hooks: the block input at the
+    step's one new position is shifted by exactly the vector (addition), or has no component along r (ablation),
+    not only the prompt's positions at prefill."""
+    model, tok = make_model(family)
+    batch = C.tokenize(tok, PROMPTS[:2])
+    block = C.decoder_layers(model)[1]
+    seen = []
+    capture = lambda m, args, kwargs: seen.append((args[0] if args else kwargs["hidden_states"]).detach().clone())
+    gen = lambda: model.generate(**batch, max_new_tokens=4, do_sample=False, pad_token_id=tok.pad_token_id,
+                                 min_new_tokens=4)
+    v = 5 * torch.randn(C.hidden_size(model))
+    with C.hooks([(lambda h: block.register_forward_pre_hook(h, with_kwargs=True), capture)]):
+        base = gen()
+        n = len(seen)
+        with C.activation_addition(model, v, 1):  # registered after the capture: the capture sees the raw input
+            steered = gen()
+    raw = seen[n:]
+    assert n == 4 and len(raw) == 4 and all(x.shape[1] == 1 for x in raw[1:])  # prefill, then one token a step
+    # replay: the same steered tokens through the model, the addition seen after it acts this time
+    after = []
+    grab = lambda m, args, kwargs: after.append((args[0] if args else kwargs["hidden_states"]).detach().clone())
+    with C.activation_addition(model, v, 1):
+        with C.hooks([(lambda h: block.register_forward_pre_hook(h, with_kwargs=True), grab)]):
+            again = gen()
+    assert torch.equal(again, steered) and not torch.equal(base, steered)
+    for x_raw, x_after in zip(raw[1:], after[1:]):  # every decoding step's new token got exactly +v
+        torch.testing.assert_close(x_after - x_raw, v.expand_as(x_raw), atol=1e-5, rtol=0)
+    r = torch.randn(C.hidden_size(model))
+    after.clear()
+    with C.directional_ablation(model, r):
+        with C.hooks([(lambda h: block.register_forward_pre_hook(h, with_kwargs=True), grab)]):
+            gen()
+    assert len(after) == 4 and all((x @ (r / r.norm())).abs().max() < 1e-4 * x.norm() for x in after)
     assert torch.equal(gen(), base)  # and the model is back to normal afterwards
 
 
