@@ -22,6 +22,23 @@ import evaluate  # noqa: E402
 from evalkit import DIM, QWEN, held_out  # noqa: E402
 
 
+def table(rows):
+    """A markdown table of rows (dicts)."""
+    keys = list(dict.fromkeys(k for r in rows for k in r))
+    fmt = lambda v: f"{v:.3g}" if isinstance(v, float) else "" if v is None else str(v)
+    return "\n".join(["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+                     + ["| " + " | ".join(fmt(r.get(k)) for k in keys) + " |" for r in rows])
+
+
+def rows(res, mode):
+    """One evaluate.py result file's numbers as table rows."""
+    if mode == "cosine":
+        return [{"condition": c, "cosine with": k, "mean over layers": sum(v) / len(v), "max": max(v)}
+                for c, cs in res["results"].items() for k, v in cs.items()]
+    return [{"result": k, **{x: y for x, y in r.items() if isinstance(y, float)}}
+            for k, rs in res["results"].items() for r in (rs if isinstance(rs, list) else [rs])]
+
+
 def sign_test(b, c):
     """Two-sided exact sign test (McNemar's) on b and c discordant pairs: how likely a split at least this uneven is
     if either direction is as likely as the other to win a prompt."""
@@ -41,7 +58,7 @@ def paired(res, mode):
         rows.append({"RDO": os.path.basename(os.path.dirname(os.path.abspath(run["path"]))), "n": len(r),
                      "DIM refusal": sum(d) / len(d), "RDO refusal": sum(r) / len(r),
                      "both": sum(x and y for x, y in zip(d, r)), "DIM only": b, "RDO only": c, "sign test p": sign_test(b, c)})
-    return evaluate.table(rows)
+    return table(rows)
 
 
 p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -84,7 +101,7 @@ print(f"\nQwen2.5-Coder-0.5B-Instruct; DIM (layer {dm['layer']}, alpha {dm['alph
 for mode in args.modes.split() + ["sweep"] * ("induce" in args.modes and bool(args.alphas.split())):
     path = os.path.join(args.out, "sweep", "eval_induce.json") if mode == "sweep" else os.path.join(args.out, f"eval_{mode}.json")
     res = json.load(open(path))
-    print(f"\n{mode} ({res['seconds']:.0f} s; plot {res['png']}):\n{evaluate.table(res['table'])}")
+    print(f"\n{mode} ({seconds.get(mode, float('nan')):.0f} s; plot {res.get('png')}):\n{table(rows(res, mode))}")
     if mode == "asr" or mode == "induce" and args.max_new_tokens:  # (induce without generation has no refusals)
         what = "ablated harmful" if mode == "asr" else "added harmless"
         print(f"\n{mode}, paired ({what} prompts refused):\n{paired(res, mode)}")

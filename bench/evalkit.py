@@ -26,12 +26,21 @@ def held_out(n=64, skip=32, seed=0):
     return harm, safe
 
 
+def refusal_rate(completions):
+    return sum(map(C.is_refusal, completions)) / max(len(completions), 1)
+
+
+def kl_last(base_logits, logits):
+    """Mean over prompts of KL(P_base || P) at the last position."""
+    return C.kl(base_logits.double(), logits.double()).mean().item()
+
+
 def measure(model, tok, harm, safe, direction=None, alpha=None, layer=None, max_new_tokens=64):
     """Refusal rate of harmful prompts (ablated), refusal rate of harmless prompts (alpha * r_hat added at layer),
     and harmless KL at the last position under ablation. direction=None: the unmodified model."""
     if direction is None:
-        return {"harmful_refusal": C.refusal_rate(hc := C.generate(model, tok, harm, max_new_tokens, desc="harmful")),
-                "harmless_refusal": C.refusal_rate(sc := C.generate(model, tok, safe, max_new_tokens, desc="harmless")),
+        return {"harmful_refusal": refusal_rate(hc := C.generate(model, tok, harm, max_new_tokens, desc="harmful")),
+                "harmless_refusal": refusal_rate(sc := C.generate(model, tok, safe, max_new_tokens, desc="harmless")),
                 "harmless_kl": 0.0, "completions": {"harmful": hc, "harmless": sc}}
     unit = direction / direction.norm()
     with C.directional_ablation(model, unit):
@@ -39,8 +48,8 @@ def measure(model, tok, harm, safe, direction=None, alpha=None, layer=None, max_
         abl = C.last_logits(model, tok, safe)
     with C.activation_addition(model, alpha * unit, layer):
         sc = C.generate(model, tok, safe, max_new_tokens, desc="harmless, added")
-    return {"harmful_refusal": C.refusal_rate(hc), "harmless_refusal": C.refusal_rate(sc),
-            "harmless_kl": C.kl_last(C.last_logits(model, tok, safe), abl),
+    return {"harmful_refusal": refusal_rate(hc), "harmless_refusal": refusal_rate(sc),
+            "harmless_kl": kl_last(C.last_logits(model, tok, safe), abl),
             "completions": {"harmful_ablated": hc, "harmless_added": sc}}
 
 

@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import common as C  # noqa: E402
 import rco  # noqa: E402
-from evalkit import DIM, QWEN, held_out, split_args  # noqa: E402
+from evalkit import DIM, QWEN, held_out, kl_last, refusal_rate, split_args  # noqa: E402
 
 p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
 p.add_argument("--dim", default=DIM)
@@ -49,7 +49,7 @@ model, tok = C.load_model(QWEN)
 harm, safe = held_out(args.n_eval)
 dim_vec, dim_meta = C.load_direction(args.dim, model)
 layer, alpha = dim_meta["layer"], dim_vec.norm().item()
-gen = lambda prompts: C.refusal_rate(C.generate(model, tok, prompts, args.max_new_tokens, desc=None))
+gen = lambda prompts: refusal_rate(C.generate(model, tok, prompts, args.max_new_tokens, desc=None))
 
 
 def rates(r):
@@ -65,7 +65,7 @@ rows = {"baseline": (gen(harm), gen(safe)), "DIM": rates(dim_vec)}
 cones = {}
 for k in (2, 3):
     B, meta = C.load_direction(os.path.join(args.out, f"k{k}", "rco.safetensors"), model)
-    coeffs = rco.sample_coefficients(k, args.n_dirs, torch.Generator().manual_seed(0))
+    coeffs = C.sample_cone(k, args.n_dirs, torch.Generator().manual_seed(0))
     samples = [rates(r) for r in tqdm(coeffs @ B, desc=f"k={k} samples")]
     cones[k] = {"ablated": [a for a, _ in samples], "added": [b for _, b in samples],
                 "basis": [rates(b) for b in B], "chosen_step": meta["chosen_step"], "steps": len(meta["history"])}

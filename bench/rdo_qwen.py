@@ -12,19 +12,12 @@ Needs bench/dim_qwen.py's result first (runs/bench/dim_qwen/selected/dim.safeten
   python bench/rdo_qwen.py --n-train 512 --lambda-ret 2 --patience 10 --out runs/bench/rdo_qwen_512_ret2_p10  # the
       paper's targets: beats DIM at ablation (refusal and KL), not at addition
   python bench/rdo_qwen.py --n-train 512 --lambda-ret 2 --patience 10 --judge-refusals --out runs/bench/rdo_qwen_512_ret2_p10_judge
-      # the same with refusal targets that refuse: passes all three checks (README)
-  python bench/rdo_qwen.py --out runs/bench/rdo_qwen --reselect --kl-threshold 0.02   # no training: choose
-      again among that run's saved iterates with another KL bound (writes bench_rdo_qwen_kl0.02.json)
-  python bench/rdo_qwen.py --out runs/bench/rdo_qwen --reselect --induce-threshold -0.82   # keep only iterates that
-      induce at least as DIM does on the val prompts (its induce score: dim_qwen/dim.json's candidates_table)
-  python bench/rdo_qwen.py --out runs/bench/A --reselect --pool runs/bench/B runs/bench/C   # one selection over
-      several seeds' iterates (writes A/bench_rdo_qwen_pool_kl0.1.json; with more runs, _pool<n>_)
+      # the same with refusal targets that refuse (docs/results.md#judge-refusals)
 """
 import argparse, json, os, sys, time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import common as C  # noqa: E402
-import dim  # noqa: E402
 import rdo  # noqa: E402
 from evalkit import DIM, QWEN, held_out, measure, split_args  # noqa: E402
 
@@ -52,12 +45,8 @@ p.add_argument("--judge-refusals", action="store_true", help="rdo.py's flag: t_r
                "(DIM's addition answers about 40%% of the harmless training prompts here)")
 p.add_argument("--kl-threshold", type=float, default=0.1, help="the selection's KL bound (rdo.py's flag)")
 p.add_argument("--induce-threshold", type=float, default=None, help="the selection's induce bound (rdo.py's flag; "
-               "default 0, which no iterate on this model reaches: see the README)")
+               "default 0, which no iterate on this model reaches: docs/results.md)")
 p.add_argument("--skip-train", action="store_true", help="evaluate an existing rdo.py result in --out")
-p.add_argument("--reselect", action="store_true", help="no training: choose again among the iterates saved by "
-               "--out's run, with --kl-threshold, and evaluate that one (rdo.safetensors is left as it is)")
-p.add_argument("--pool", nargs="+", default=[], metavar="DIR", help="with --reselect: one selection over the last 20 "
-               "iterates of --out's run and of these runs too (other seeds of the same DIM, layer and alpha)")
 args = p.parse_args()
 if not os.path.isfile(args.dim):
     sys.exit(f"{args.dim} not found: run bench/dim_qwen.py first")
@@ -70,39 +59,20 @@ for flag in ("lambda_ret", "lambda_add", "lr", "patience", "kl_threshold", "max_
     if getattr(args, flag) is not None:
         rdo_argv += ["--" + flag.replace("_", "-"), str(getattr(args, flag))]
 rdo_argv += ["--amsgrad"] * args.amsgrad + ["--judge-refusals"] * args.judge_refusals
-if not (args.skip_train or args.reselect):
+if not args.skip_train:
     rdo.main(rdo_argv)
 t_rdo = time.time() - t0
 
 model, tok = C.load_model(QWEN)
 rdo_vec, rdo_meta = C.load_direction(os.path.join(args.out, "rdo.safetensors"), model)
 out_json = os.path.join(args.out, "bench_rdo_qwen.json")
-if args.reselect:  # the same val prompts and scores as rdo.py's own selection, another bound, maybe several runs
-    candidates = []  # (run, step, iterate): the last 20 of each run, in one list for one selection
-    for run in [args.out, *args.pool]:
-        tensors, meta = C.load_result(os.path.join(run, "rdo.safetensors"))
-        if (meta["alpha"], meta["layer"]) != (rdo_meta["alpha"], rdo_meta["layer"]):
-            sys.exit(f"{run} has another layer or alpha than {args.out}: pool runs of the same DIM only")
-        iterates = C.check_direction(model, tensors["iterates"], run)
-        candidates += [(run, step, iterates[step]) for step in range(len(iterates))[-20:]]
-    rargs = rdo.parse_args(rdo_argv + ["--select-last", str(len(candidates))])
-    _, harm_val, _, safe_val = dim.load_data(rargs)
-    chosen, scored = rdo.select_iterate(model, tok, [c[2] for c in candidates], rdo_meta["alpha"], rdo_meta["layer"],
-                                        harm_val, safe_val, rargs)
-    run, step, rdo_vec = candidates[chosen["step"]]
-    print(f"kl <= {args.kl_threshold}, induce >= {rargs.induce_threshold}: chose candidate {chosen['step']} of "
-          f"{len(candidates)}, step {step} of {run} (rdo.py chose step {rdo_meta['chosen_step']} of {args.out})")
-    rdo_meta = {**rdo_meta, "chosen_step": step, "chosen_scores": {**chosen, "step": step, "run": run}}
-    pooled = f"_pool{len(args.pool) + 1}" if len(args.pool) > 1 else "_pool" * bool(args.pool)  # (_pool: two runs)
-    induce = "" if args.induce_threshold is None else f"_induce{args.induce_threshold:g}"
-    out_json = os.path.join(args.out, f"bench_rdo_qwen{pooled}_kl{args.kl_threshold:g}{induce}.json")
 dim_vec, dim_meta = C.load_direction(args.dim, model)
 alpha, layer = rdo_meta["alpha"], rdo_meta["layer"]
 harm, safe = held_out(args.n_eval)
 t1 = time.time()
 dim_res = measure(model, tok, harm, safe, dim_vec, dim_vec.norm().item(), dim_meta["layer"])
 rdo_res = measure(model, tok, harm, safe, rdo_vec, alpha, layer)
-prior = "runs/bench/dim_qwen/bench_dim_qwen.json"
+prior = os.path.join(os.path.dirname(args.dim), "bench_dim_qwen.json")  # bench/dim_qwen.py's baseline
 base = json.load(open(prior))["baseline"] if os.path.isfile(prior) else measure(model, tok, harm, safe)
 t_eval = time.time() - t1
 

@@ -1,7 +1,7 @@
 """Real-model check of repind.py (not part of CI): is a RepInd direction independent of DIM, where RDO-perp is not?
 
 On Qwen2.5-Coder-0.5B-Instruct at the DIM layer, with a reduced budget (default: 128 training pairs, 8 steps =
-one epoch, lambda_ret 0.1, lambda_ind 200, one candidate; selection over the last 4 iterates on 32 + 32 val prompts), then on 64 held-out harmful prompts:
+one epoch, lambda_ret 1.0, lambda_repind 200, one candidate; selection over the last 4 iterates on 32 + 32 val prompts), then on 64 held-out harmful prompts:
   Figure 6     mean over layers of |cos(x, u) - cos(x~ with DIM ablated, u)| and |cos(x, DIM) - cos(x~ with u
                ablated, DIM)|, u = RepInd-1 or RDO-perp, last token, the first 90% of layers (the RepInd loss's
                layers) and all layers: RepInd should be well below RDO-perp
@@ -19,7 +19,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import common as C  # noqa: E402
 import rdo  # noqa: E402
 import repind  # noqa: E402
-from evalkit import DIM, QWEN, held_out, split_args  # noqa: E402
+from evalkit import DIM, QWEN, held_out, kl_last, refusal_rate, split_args  # noqa: E402
 
 p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
 p.add_argument("--dim", default=DIM)
@@ -59,34 +59,35 @@ if args.train_perp:
     perp_what = f"rdo.py --orthogonal-to DIM, {len(perp_meta['history'])} steps (chosen {perp_meta['chosen_step']})"
 else:  # an RDO direction with its DIM component removed: orthogonal to DIM, and still a refusal direction
     rdo_vec, perp_meta = C.load_direction(args.perp_from, model)
-    perp_vec = rdo.project_out(rdo_vec.float(), C.unit_basis(dim_vec))
+    q = C.unit_basis(dim_vec)
+    perp_vec = rdo_vec.float() - (rdo_vec.float() @ q.T) @ q
     perp_what = f"{args.perp_from} with DIM projected out"
 harm, safe = held_out(args.n_eval)
 t1 = time.time()
-n_layers = repind.n_loss_layers(model, 0.9)
-curves = repind.figure6(model, tok, harm, dim_vec, {"RepInd-1": rep_vec[0], "RDO-perp": perp_vec}, n_layers, 32)
+n_layers = int(0.9 * len(C.decoder_layers(model)))  # the RepInd loss's layers
+curves = repind.figure6(model, tok, harm, dim_vec, {"RepInd-1": rep_vec[0], "RDO-perp": perp_vec}, 32)
+change = lambda a, b, n=None: sum(abs(x - y) for x, y in zip(a[:n], b[:n])) / len(a[:n])
 res = {}
 base_safe = C.last_logits(model, tok, safe)
 for name, u in (("RepInd-1", rep_vec[0]), ("RDO-perp", perp_vec)):
     c = curves[name]
-    all_u = sum(abs(a - b) for a, b in zip(c["cos_u_clean"], c["cos_u_dim_ablated"])) / len(c["cos_u_clean"])
-    all_d = sum(abs(a - b) for a, b in zip(c["cos_dim_clean"], c["cos_dim_u_ablated"])) / len(c["cos_dim_clean"])
+    all_u, all_d = change(c["cos_u_clean"], c["cos_u_dim_ablated"]), change(c["cos_dim_clean"], c["cos_dim_u_ablated"])
     with C.directional_ablation(model, u):
         completions = C.generate(model, tok, harm, 64, desc=f"harmful, {name} ablated")
-        kl = C.kl_last(base_safe, C.last_logits(model, tok, safe))
-    res[name] = {"u_when_dim_ablated": c["mean_abs_change_u_when_dim_ablated"], "dim_when_u_ablated":
-                 c["mean_abs_change_dim_when_u_ablated"], "u_when_dim_ablated_all": all_u, "dim_when_u_ablated_all": all_d,
-                 "harmful_refusal": C.refusal_rate(completions), "harmless_kl": kl,
+        kl = kl_last(base_safe, C.last_logits(model, tok, safe))
+    res[name] = {"u_when_dim_ablated": change(c["cos_u_clean"], c["cos_u_dim_ablated"], n_layers),
+                 "dim_when_u_ablated": change(c["cos_dim_clean"], c["cos_dim_u_ablated"], n_layers), "u_when_dim_ablated_all": all_u, "dim_when_u_ablated_all": all_d,
+                 "harmful_refusal": refusal_rate(completions), "harmless_kl": kl,
                  "cos_with_dim": (u @ dim_vec / u.norm() / dim_vec.norm()).item(), "completions": completions}
 prior = "runs/bench/dim_qwen/bench_dim_qwen.json"
 prior = json.load(open(prior)) if os.path.isfile(prior) else {}
 base = prior.get("baseline", {}).get("harmful_refusal")
 if base is None:
-    base = C.refusal_rate(C.generate(model, tok, harm, 64, desc="harmful"))
+    base = refusal_rate(C.generate(model, tok, harm, 64, desc="harmful"))
 dim_rate = prior.get("dim", {}).get("harmful_refusal")
 t_eval = time.time() - t1
 
-h = rep_meta["directions"][0]
+h = rep_meta["directions"][0]["candidates"][0]
 print(f"\nQwen2.5-Coder-0.5B-Instruct, DIM layer {dim_meta['layer']}; RDO-perp: {perp_what}; RepInd: {args.n_train} "
       f"training pairs, {len(h['history'])} steps (chosen "
       f"{h['chosen_step']}), 1 candidate; {args.n_eval} held-out harmful prompts, last token, 64 new tokens, substring judge")
