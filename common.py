@@ -35,7 +35,8 @@ def pick_device(device="auto"):
 
 def pick_dtype(dtype="auto", device="cpu"):
     if dtype == "auto":  # bf16 where the hardware multiplies it natively (GPUs, CPUs with AMX or AVX512-BF16)
-        native = getattr(torch.cpu, "_is_amx_tile_supported", bool)() or getattr(torch.cpu, "_is_avx512_bf16_supported", bool)()
+        cpu = torch.cpu
+        native = getattr(cpu, "_is_amx_tile_supported", bool)() or getattr(cpu, "_is_avx512_bf16_supported", bool)()
         return torch.bfloat16 if device != "cpu" or native else torch.float32
     names = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
     if dtype not in names:
@@ -66,7 +67,8 @@ def load_model(name, device="auto", dtype="auto"):
         model.to(device)
     model.eval().requires_grad_(False)
     if not getattr(tokenizer, "chat_template", None):
-        raise RefusalError(f"model '{name}' has no chat template: use a chat/instruct model (e.g. ...-Instruct, ...-it)")
+        raise RefusalError(f"model '{name}' has no chat template: use a chat/instruct model "
+                           "(e.g. ...-Instruct, ...-it)")
     tokenizer.padding_side = "left"  # the last prompt token sits at position -1 in every row
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -127,7 +129,8 @@ def post_instruction_ids(tokenizer):
     end = text.index(sentinel) + len(sentinel)
     ids = [i for i, (start, _) in zip(enc["input_ids"], enc["offset_mapping"]) if start >= end]
     if not ids:
-        raise RefusalError("the chat template puts no tokens after the instruction; cannot read post-instruction positions")
+        raise RefusalError("the chat template puts no tokens after the instruction; cannot read post-instruction "
+                           "positions")
     return ids
 
 
@@ -436,7 +439,8 @@ def load_instructions(path):
         if isinstance(row, dict):
             field = next((k for k in TEXT_FIELDS if k in row), next(iter(row), None) if ext == ".csv" else None)
             if field is None:
-                raise RefusalError(f"data file '{path}' is malformed: row {i} has none of the fields {', '.join(TEXT_FIELDS)}")
+                raise RefusalError(f"data file '{path}' is malformed: row {i} has none of the fields "
+                                   f"{', '.join(TEXT_FIELDS)}")
             row = row[field]
         if not isinstance(row, str):
             raise RefusalError(f"data file '{path}' is malformed: row {i} is {type(row).__name__}, not text")
@@ -498,7 +502,8 @@ def discard_reasons(s, kl_threshold=0.1, induce_threshold=0.0):
     """Why Arditi et al.'s filters discard a scored direction (empty: kept)."""
     if any(math.isnan(s[k]) for k in ("bypass", "induce", "kl")):
         return ["nan/not scored"]
-    return [f"kl>{kl_threshold}"] * (s["kl"] > kl_threshold) + [f"induce<{induce_threshold}"] * (s["induce"] < induce_threshold)
+    return ([f"kl>{kl_threshold}"] * (s["kl"] > kl_threshold)
+            + [f"induce<{induce_threshold}"] * (s["induce"] < induce_threshold))
 
 
 def lowest_bypass(scored, key="bypass"):
@@ -520,7 +525,8 @@ def score_iterates(model, tok, iterates, alpha, layer, harm_val, safe_val, refus
     for step in tqdm(range(len(iterates))[-args.select_last:], desc=desc):
         vecs = []
         for r in iterates[step].reshape(-1, iterates[step].shape[-1]).to(input_device(model)):
-            s = score_direction(model, tok, alpha * r, layer, harm_val, safe_val, base_safe, refusal_ids, args.batch_size)
+            s = score_direction(model, tok, alpha * r, layer, harm_val, safe_val, base_safe, refusal_ids,
+                                args.batch_size)
             vecs.append({**s, "discarded": discard_reasons(s, args.kl_threshold, args.induce_threshold)})
         scored.append({"step": step, **vecs[0]} if iterates[step].dim() == 1 else {"step": step, "vectors": vecs})
     return scored
@@ -711,7 +717,8 @@ def add_training_args(p, method):
     a("--lr-drops", type=int, default=2, help="lr reductions before the next plateau stops training")
     a("--select-last", type=int, default=20, help="choose the final direction among this many last iterates")
     a("--kl-threshold", type=float, default=0.1, help="selection: discard iterates whose ablation KL exceeds this")
-    a("--induce-threshold", type=float, default=0.0, help="selection: discard iterates whose induce score is below this")
+    a("--induce-threshold", type=float, default=0.0,
+      help="selection: discard iterates whose induce score is below this")
     a("--resume", action="store_true", help=f"continue from DIR/{method}_checkpoint.pt")
     a("--cache", default=None, help="targets cache folder (default: runs/<model-name>/targets)")
     a = p.add_argument_group("beyond the paper (README: options beyond the paper)").add_argument
@@ -733,7 +740,8 @@ def get_dim(args, out):
         flags += ["--no-filter"] if args.no_filter else []
         print(f"computing the DIM direction: dim.py {' '.join(flags)}")
         done = subprocess.run([sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), "dim.py"),
-                               *flags, "--out", os.path.dirname(path), "--overwrite"], stderr=subprocess.PIPE, text=True)
+                               *flags, "--out", os.path.dirname(path), "--overwrite"],
+                              stderr=subprocess.PIPE, text=True)
         if done.returncode:
             raise RefusalError(f"dim.py failed ({(done.stderr.strip().splitlines() or ['no message'])[-1]}): "
                                "run it yourself and pass --dim")
@@ -784,8 +792,8 @@ def training_setup(args, method):
     return SimpleNamespace(
         out=out, ckpt=ckpt, model=model, tok=tok, device=device, n=n, harm_val=harm_val, safe_val=safe_val,
         examples=list(zip(harm, safe, targets["answer"], targets["refusal"], targets["retain"])),
-        refusal_ids=refusal_ids, refusal_info=refusal_info, refusal_targets_replaced=replaced, dim_vec=dim_vec, dim_path=dim_path,
-        dim_layer=dim_layer, layer=layer, alpha=alpha, run_key=run_key,
+        refusal_ids=refusal_ids, refusal_info=refusal_info, refusal_targets_replaced=replaced, dim_vec=dim_vec,
+        dim_path=dim_path, dim_layer=dim_layer, layer=layer, alpha=alpha, run_key=run_key,
         total=total if args.max_steps is None else min(args.max_steps, total),
         micro_batch=args.micro_batch or (args.effective_batch if device.type == "cuda" else 2))
 
@@ -862,8 +870,9 @@ def provenance(args, model=None):
         with contextlib.suppress(PackageNotFoundError):
             versions[name] = version(name)
     changes = _git("status", "--porcelain", "--untracked-files=no")
-    return {"model": getattr(args, "model", None), "args": vars(args), "seed": getattr(args, "seed", None), "versions": versions,
-            "git_commit": _git("rev-parse", "HEAD"), "git_uncommitted_changes": None if changes is None else bool(changes),
+    return {"model": getattr(args, "model", None), "args": vars(args), "seed": getattr(args, "seed", None),
+            "versions": versions, "git_commit": _git("rev-parse", "HEAD"),
+            "git_uncommitted_changes": None if changes is None else bool(changes),
             "model_revision": getattr(getattr(model, "config", None), "_commit_hash", None),
             "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
 

@@ -33,11 +33,12 @@ def env(tiny_dir, tmp_path_factory):
 def argv(script, e, model=None, harmful=None, direction=None, layer=None):
     """The smallest command line of each script, with one thing replaced."""
     m, h, d = model or e["model"], harmful or e["h"], direction or e["good"]
-    data = ["--harmful", h, "--harmless", e["s"], "--n-train", "4", "--n-val", "2", "--dtype", "float32"]
+    data = ["--harmful", h, "--harmless", e["s"], "--n-train", "4", "--n-val", "2", "--dtype", "float32",
+            "--refusal-tokens", "I"]
     out = ["--out", str(e["tmp"] / f"out_{script}_{len(os.listdir(e['tmp']))}")]
     layer = [] if layer is None else ["--layer", str(layer)]
     if script == "dim":
-        return ["--model", m] + data + layer + out
+        return ["--model", m, "--no-filter"] + data + layer + out
     if script in ("rdo", "rco", "repind"):
         return ["--model", m, "--dim", d, "--effective-batch", "2"] + data + layer + out
     if script == "gcg":
@@ -87,22 +88,23 @@ def test_direction_of_another_model(env, script):
         MAINS[script](argv(script, env, direction=env["bad"]))
 
 
-@pytest.mark.parametrize("script", ["rco", "repind"])
+@pytest.mark.parametrize("script", ["rdo", "rco", "repind"])
 def test_nan_loss_stops_with_a_clear_message(env, script, monkeypatch):
-    monkeypatch.setattr(rdo, "ablation_loss", lambda model, r, b: (r.sum() * float("nan")).expand(len(b["input_ids"])))
+    monkeypatch.setattr(C, "ablation_loss", lambda model, r, b: (r.sum() * float("nan")).expand(len(b["input_ids"])))
     with pytest.raises(C.RefusalError, match="loss is nan"):
-        MAINS[script](argv(script, env) + ["--answer-tokens", "2", "--retain-tokens", "2", "--refusal-tokens", "2",
-                                            "--cache", str(env["tmp"] / "cache")])
+        MAINS[script](argv(script, env) + ["--answer-tokens", "2", "--retain-tokens", "2", "--refusal-target-tokens",
+                                            "2", "--cache", str(env["tmp"] / "cache")])
 
 
 @pytest.mark.parametrize("where, bad", [("current", "nan"), ("candidates", "nan"), ("candidates", "inf")])
 def test_nan_loss_stops_gcg_with_a_clear_message(env, where, bad, monkeypatch):
     real = gcg_repind.suffix_losses
 
-    def nan_ce(model, ctx, x, unit, head=None):  # NaN for the current suffix (token_grad), or for every candidate
-        ce, cos, greedy = real(model, ctx, x, unit, head=head)
-        return (ce * float(bad) if (head is None) == (where == "current") else ce), cos, greedy
-    monkeypatch.setattr(gcg_repind, "suffix_losses", nan_ce)
+    def nan_loss(model, ctx, suffix):  # NaN for the current suffix (embeddings: the gradient pass) or every candidate
+        loss, ce, term, greedy = real(model, ctx, suffix)
+        current = suffix.dim() == 3
+        return (loss * float(bad) if current == (where == "current") else loss), ce, term, greedy
+    monkeypatch.setattr(gcg_repind, "suffix_losses", nan_loss)
     match = "for the current suffix" if where == "current" else "for every candidate suffix"
     with pytest.raises(C.RefusalError, match=f"loss is nan or inf {match}: stopped" if where == "candidates"
                        else f"loss is nan.* {match}: stopped"):
@@ -117,3 +119,19 @@ def test_a_missing_optional_package_names_the_extras(env, monkeypatch):
     monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", needs_gguf)
     with pytest.raises(C.RefusalError, match="requires the gguf package .*requirements-extra.txt"):
         C.load_model(env["plain"])
+
+
+SCRIPTS = {"dim": "dim.py", "rdo": "rdo.py", "rco": "rco.py", "repind": "repind.py", "gcg": "gcg_repind.py",
+           "evaluate": "evaluate.py"}
+
+
+@pytest.mark.parametrize("script", list(SCRIPTS))
+def test_each_script_run_as_a_program_exits_2_with_one_line(env, script):
+    """The entry point goes through C.run: a bad --model is one line on stderr and exit code 2, no traceback."""
+    import subprocess, sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    done = subprocess.run([sys.executable, os.path.join(root, SCRIPTS[script]),
+                           *argv(script, env, model="/nonexistent/model")], capture_output=True, text=True, timeout=300)
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == 2 and len(lines) == 1, done.stderr
+    assert lines[0].startswith("error: model path '/nonexistent/model' does not exist")
