@@ -44,7 +44,7 @@ def parse_args(argv=None):
       "the request, as JailbreakBench targets are written)")
     a("--direction", default=None, help="direction file (.safetensors from dim/rdo/repind.py) for the RepInd term; "
       "of a (k, d) file, row 0 (RepInd-1)")
-    a("--repind-weight", type=float, default=1.0, help="lambda, the weight of the squared-cosine term (0: plain GCG)")
+    a("--repind-weight", type=float, default=10.0, help="lambda, weight of the squared-cosine term (0: plain GCG)")
     a("--steps", type=int, default=250, help="GCG steps per prompt at most")
     a("--suffix-len", type=int, default=20, help="suffix length in tokens")
     a("--init", default="x", help="the suffix starts as this word repeated ('x x x ...')")
