@@ -593,9 +593,9 @@ def micro_batches(tok, batch, micro_batch, device):
     order = sorted(range(len(batch)), key=lambda i: len(batch[i][0]) + len(batch[i][1]) + len(batch[i][4]))
     for j in range(0, len(batch), micro_batch):
         idx = order[j:j + micro_batch]
-        harm, safe, answer, refusal, retain = zip(*[batch[i] for i in idx])
+        harm, safe, answer, refusal, retain, *clean = zip(*[batch[i] for i in idx])  # (clean: clean_states)
         yield idx, {"abl": pack(tok, harm, answer, device), "add": pack(tok, safe, refusal, device),
-                    "ret": pack(tok, safe, retain, device)}
+                    "ret": {**pack(tok, safe, retain, device), "clean_h": clean[0] if clean else None}}
 
 
 def target_logits(model, b):
@@ -631,13 +631,48 @@ def addition_loss(model, r, b, alpha, layer):
 
 def retain_loss(model, r, b):
     """Line 5, per example: KL(f(p_safe + t_retain) || f_ablate(r)(p_safe + t_retain)), averaged over the retain
-    tokens and the last template token. The clean side does not depend on r: no gradient through it."""
+    tokens and the last template token. The clean side does not depend on r: no gradient through it, and from the
+    rows' clean_states where they were computed (b["clean_h"])."""
     with torch.no_grad():
-        clean = target_logits(model, b)
+        clean = target_logits(model, b) if b.get("clean_h") is None else unembed(model, b["clean_h"], b)
     with directional_ablation(model, r):
         ablated = target_logits(model, b)
     mask = target_mask(b, ablated.shape[1], extra=1)
     return (kl(clean.to(ablated.device), ablated) * mask).sum(1) / mask.sum(1)
+
+
+def unembed(model, h, b=None):
+    """Logits from the LM head's input as the model makes them (Gemma-2 caps them). With rows b: h is a list of
+    each row's states, set at the end of its last k positions (left padding), as target_logits gives them."""
+    if b is not None:
+        k = int(b["n_target"].max()) + 1
+        h = torch.stack([torch.cat([x.new_zeros(k - len(x), x.shape[-1]), x]) for x in h])
+    head = model.get_output_embeddings()
+    logits = head(h.to(head.weight.device))
+    cap = getattr(getattr(model.config, "text_config", None) or model.config, "final_logit_softcapping", None)
+    return logits if cap is None else torch.tanh(logits / cap) * cap
+
+
+@torch.no_grad()
+def clean_states(model, tok, examples, micro_batch):
+    """The clean side of line 5 for every example, once (it does not depend on r; rco.py and repind.py go over the
+    same pairs many times): the LM head's input at the KL's positions, (len(t_retain) + 1, d), which takes
+    vocabulary / d times less memory than the logits. None where the logits are not unembed() of it (a model that
+    scales them): the clean pass then runs in every step."""
+    seen, out = [], [None] * len(examples)
+    handle = model.get_output_embeddings().register_forward_hook(lambda m, args, _: seen.append(args[0]))
+    try:
+        batches = micro_batches(tok, examples, micro_batch, input_device(model))
+        for j, (idx, b) in enumerate(tqdm(batches, total=math.ceil(len(examples) / micro_batch), desc="clean states")):
+            logits, h = target_logits(model, b["ret"]), seen.pop()
+            if j == 0 and not torch.allclose(unembed(model, h).float().to(logits.device), logits.float(),
+                                             rtol=1e-2, atol=1e-2):
+                return None
+            for row, i in enumerate(idx):
+                out[i] = h[row, h.shape[1] - len(examples[i][4]) - 1:].clone()
+    finally:
+        handle.remove()
+    return out
 
 
 # ----------------------------------------------------------------------------- training on the sphere
@@ -783,6 +818,11 @@ def training_setup(args, method):
         targets["refusal"], replaced = judged_refusals(tok, targets["refusal"])
         print(f"--judge-refusals: {replaced} of {n} refusal targets were answers, not refusals: replaced")
     device = input_device(model)
+    examples = list(zip(harm, safe, targets["answer"], targets["refusal"], targets["retain"]))
+    micro_batch = args.micro_batch or (args.effective_batch if device.type == "cuda" else 2)
+    clean = clean_states(model, tok, examples, micro_batch)
+    if clean is None:
+        print("this model's logits are not its LM head's output: the clean retain pass runs in every step")
     total = n // args.effective_batch * args.epochs
     # everything that shapes the training: --resume refuses a checkpoint made with other values
     run_key = {k: v for k, v in vars(args).items() if k not in (
@@ -791,11 +831,11 @@ def training_setup(args, method):
     run_key.update(layer=layer, alpha=alpha, dim=tensor_hash(dim_vec), dtype=str(model.dtype), refusal_ids=refusal_ids)
     return SimpleNamespace(
         out=out, ckpt=ckpt, model=model, tok=tok, device=device, n=n, harm_val=harm_val, safe_val=safe_val,
-        examples=list(zip(harm, safe, targets["answer"], targets["refusal"], targets["retain"])),
+        examples=examples if clean is None else [e + (c,) for e, c in zip(examples, clean)],
         refusal_ids=refusal_ids, refusal_info=refusal_info, refusal_targets_replaced=replaced, dim_vec=dim_vec,
         dim_path=dim_path, dim_layer=dim_layer, layer=layer, alpha=alpha, run_key=run_key,
         total=total if args.max_steps is None else min(args.max_steps, total),
-        micro_batch=args.micro_batch or (args.effective_batch if device.type == "cuda" else 2))
+        micro_batch=micro_batch)
 
 
 # ----------------------------------------------------------------------------- flags and result files

@@ -1,7 +1,9 @@
 """Speed of one RDO optimizer step (16 pairs): rdo.py's COMPUTELOSS against Algorithm 1 written plainly.
 
   reference  one example at a time, each loss its own forward and backward over every position's logits
-  rdo.py     rdo.compute_loss: length-sorted micro-batches with padding and masks, logits only at target positions
+  rdo.py     rdo.compute_loss: length-sorted micro-batches with padding and masks, logits only at target positions,
+             the clean retain side from C.clean_states (computed once per run by rdo.py's setup, as here before
+             the timed steps: its seconds are printed apart)
 Both run in one process and take turns, a step each, the order rotated every round, so that a machine whose speed
 drifts moves them alike. The median of --repeats timed steps is reported, after a warm-up round. The two must give
 the same loss (relative difference < 1e-3 in fp32; bf16 rounds differently shaped matmuls differently).
@@ -68,11 +70,16 @@ def main():
     refusal = tok("I'm sorry, but I can't assist with that", add_special_tokens=False)["input_ids"]
     examples = [(h, s, a, refusal, t) for h, s, a, t in zip(harm, safe, answer, retain)]
     micro = args.micro_batch or (16 if dev.type == "cuda" else 2)
+    t = time.time()
+    states = C.clean_states(model, tok, examples, micro)
+    print(f"clean retain states for the 16 pairs: {time.time() - t:.1f} s (once per run)")
+    with_states = examples if states is None else [e + (h,) for e, h in zip(examples, states)]
     S = SimpleNamespace(model=model, tok=tok, device=dev, micro_batch=micro, alpha=12.0, layer=args.layer)
     r0 = torch.nn.functional.normalize(torch.randn(C.hidden_size(model), generator=torch.Generator().manual_seed(0)),
                                        dim=0).to(dev)
     step = {"reference": lambda r: reference_step(model, tok, r, examples, S.alpha, S.layer),
-            "rdo.py": lambda r: sum(w * x for w, x in zip(LAMBDAS, rdo.compute_loss(S, r, examples, LAMBDAS).values()))}
+            "rdo.py": lambda r: sum(w * x for w, x in zip(LAMBDAS,
+                                                          rdo.compute_loss(S, r, with_states, LAMBDAS).values()))}
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     times, losses = {v: [] for v in step}, {}
     for i in range(1 + args.repeats):  # a warm-up round, then the timed ones

@@ -429,3 +429,53 @@ def test_plateau_drops_the_lr_after_patience_bad_steps_at_most_twice_then_stops(
     stops = [C.plateau(state, x, opt, patience=3, max_drops=2) for x in losses]
     lr = opt.param_groups[0]["lr"]
     assert stops == [False] * 10 + [True] and lr == pytest.approx(0.01) and state["drops"] == 2
+
+
+def retain_examples(tok):
+    from conftest import HARMLESS
+    targets = [[5 + i, 9, 11 + i][:1 + i % 3] for i in range(5)]  # retain targets of 1 to 3 tokens
+    return [(h, s, [7], [8], t) for h, s, t in zip(HARMFUL, HARMLESS, targets)]
+
+
+@pytest.mark.parametrize("family, dtype", [("qwen2", torch.float64), ("gemma2", torch.float32)])
+def test_retain_loss_from_clean_states_equals_the_clean_pass(family, dtype):
+    """The clean side from clean_states (the LM head's input, computed once) gives the loss and gradient of the
+    clean pass, for rows of different lengths; Gemma-2's logit cap is applied (made to bite here)."""
+    model, tok = make_model(family)
+    model.to(dtype)
+    if family == "gemma2":
+        model.config.final_logit_softcapping = 0.5
+    examples = retain_examples(tok)
+    states = C.clean_states(model, tok, examples, micro_batch=2)
+    assert states is not None and [len(x) for x in states] == [len(e[4]) + 1 for e in examples]
+    r0 = torch.randn(C.hidden_size(model), dtype=dtype)
+    got = []
+    for rows in (examples, [e + (h,) for e, h in zip(examples, states)]):
+        r = r0.clone().requires_grad_(True)
+        loss = sum(C.retain_loss(model, r, b["ret"]).sum() for _, b in C.micro_batches(tok, rows, 3, "cpu"))
+        loss.backward()
+        got.append((loss.detach(), r.grad))
+    tol = dict(rtol=1e-10, atol=1e-12) if dtype == torch.float64 else dict(rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(got[1][0], got[0][0], **tol)
+    torch.testing.assert_close(got[1][1], got[0][1], **tol)
+    if family == "gemma2":  # the cap bites: without it unembed gives other logits, and the test would fail
+        b = {"n_target": torch.tensor([len(examples[0][4])])}
+        capped = C.unembed(model, states[:1], b)
+        model.config.final_logit_softcapping = None
+        assert not torch.allclose(C.unembed(model, states[:1], b), capped, rtol=1e-2, atol=1e-2)
+
+
+def test_clean_states_are_none_where_the_logits_are_not_the_heads_output():
+    """A model that scales its logits after the LM head (as a logit_scale would): the states cannot give them, so
+    none are kept and the clean pass runs in every step."""
+    model, tok = make_model("llama")
+    examples, real = retain_examples(tok), model.forward
+
+    def scaled_forward(*a, **k):
+        out = real(*a, **k)
+        out.logits = out.logits * 2
+        return out
+    model.forward = scaled_forward
+    assert C.clean_states(model, tok, examples, micro_batch=2) is None
+    model.forward = real
+    assert C.clean_states(model, tok, examples, micro_batch=2) is not None
