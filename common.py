@@ -200,7 +200,9 @@ def directional_ablation(model, directions):
 
     def project(x):
         qq = q.to(x.device, x.dtype)  # device_map="auto" puts blocks on several GPUs
-        return x - (x * qq).sum(-1, keepdim=True) * qq if per_row else x - (x @ qq.T) @ qq
+        if per_row or len(qq) == 1:  # one direction: x - (x . r) r, elementwise (a one-column matmul costs more)
+            return x - (x * qq).sum(-1, keepdim=True) * qq
+        return x - (x @ qq.T) @ qq
 
     regs = []
     for block in decoder_layers(model):
