@@ -776,12 +776,15 @@ def get_dim(args, out):
         flags += ["--refusal-tokens", *args.refusal_tokens] if args.refusal_tokens else []
         flags += ["--no-filter"] if args.no_filter else []
         print(f"computing the DIM direction: dim.py {' '.join(flags)}")
-        done = subprocess.run([sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), "dim.py"),
-                               *flags, "--out", os.path.dirname(path), "--overwrite"],
-                              stderr=subprocess.PIPE, text=True)
-        if done.returncode:
-            raise RefusalError(f"dim.py failed ({(done.stderr.strip().splitlines() or ['no message'])[-1]}): "
-                               "run it yourself and pass --dim")
+        proc = subprocess.Popen([sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), "dim.py"),
+                                 *flags, "--out", os.path.dirname(path), "--overwrite"], stderr=subprocess.PIPE)
+        tail = b""
+        for chunk in iter(lambda: proc.stderr.read1(4096), b""):  # its progress bars, shown as they come
+            sys.stderr.write(chunk.decode(errors="replace"))
+            tail = (tail + chunk)[-4096:]
+        if proc.wait():
+            last = (tail.decode(errors="replace").strip().splitlines() or ["no message"])[-1]
+            raise RefusalError(f"dim.py failed ({last}): run it yourself and pass --dim")
     tensors, meta = load_result(path)
     if meta.get("layer") is None:
         raise RefusalError(f"{path} has no layer in its sidecar {os.path.splitext(path)[0]}.json")

@@ -1,6 +1,6 @@
 """rdo.py and the COMPUTELOSS pieces of common.py: the three losses by hand, the sphere geometry, the schedule,
 targets and their cache, RDO-perp, --init, --sign-warmup, --judge-refusals, resume, the DIM subprocess."""
-import contextlib, json, math, os, shutil, subprocess
+import contextlib, io, json, math, os, shutil, subprocess
 from types import SimpleNamespace
 
 import pytest
@@ -642,7 +642,7 @@ def test_without_dim_rdo_runs_dim_py_with_its_flags_and_uses_its_direction(setup
     """A stand-in dim.py that writes a direction: rdo passes it the data, seed, layer and refusal words, and
     trains from what it wrote (its layer; its refusal tokens where none are given)."""
     base, tmp, dim_file = setup
-    seen, real = [], subprocess.run
+    seen, real = [], subprocess.Popen
 
     def fake_dim(cmd, *a, **k):
         if not str(cmd[1]).endswith("dim.py"):
@@ -651,8 +651,8 @@ def test_without_dim_rdo_runs_dim_py_with_its_flags_and_uses_its_direction(setup
         out = cmd[cmd.index("--out") + 1]
         C.save_result(out, "dim", {"direction": 2 * C.load_result(dim_file)[0]["direction"]},
                       {"layer": 1, "refusal_tokens": {"words": ["As"]}})
-        return subprocess.CompletedProcess(cmd, 0, stderr="")
-    monkeypatch.setattr(subprocess, "run", fake_dim)
+        return SimpleNamespace(stderr=io.BytesIO(b"progress\n"), wait=lambda: 0)
+    monkeypatch.setattr(subprocess, "Popen", fake_dim)
     base = without_dim(base)
     i = base.index("--refusal-tokens")
     rdo.main(base[:i] + base[i + 2:] + ["--layer", "1", "--max-steps", "1", "--out", str(tmp / "nodim")])
