@@ -55,7 +55,8 @@ def compute_loss(S, r, examples, lambdas):
     sums = {"abl": 0.0, "add": 0.0, "ret": 0.0}
     for idx, b in C.micro_batches(S.tok, examples, S.micro_batch, S.device):
         L_abl = C.ablation_loss(S.model, r, b["abl"])                      # COMPUTELOSS, line 3
-        L_add = C.addition_loss(S.model, r, b["add"], S.alpha, S.layer)     # COMPUTELOSS, line 4
+        with torch.set_grad_enabled(lam_add != 0):  # --sign-warmup's steps report L_add without training on it
+            L_add = C.addition_loss(S.model, r, b["add"], S.alpha, S.layer)  # COMPUTELOSS, line 4
         L_ret = C.retain_loss(S.model, r, b["ret"])                         # COMPUTELOSS, line 5
         L = lam_abl * L_abl + lam_add * L_add + lam_ret * L_ret             # COMPUTELOSS, line 6
         (L.sum() / len(examples)).backward()
