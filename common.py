@@ -548,7 +548,7 @@ def get_targets(model, tok, harm, safe, dim_vec, layer, args):
     t_answer: greedy tokens of harmful prompts with DIM ablated; t_refusal: of harmless prompts with DIM added at
     its layer, the text before the first '.' (the authors'); t_retain: of harmless prompts, no intervention."""
     key = json_hash([args.model, harm, safe, args.answer_tokens, args.refusal_target_tokens, args.retain_tokens,
-                     layer, tensor_hash(dim_vec), str(model.dtype)])
+                     layer, tensor_hash(dim_vec), str(model.dtype), sorted(GREEDY.items()), "t_refusal: before '.'"])
     path = os.path.join(args.cache or model_dir(args.model, "targets"), f"targets_{key}.json")
     if os.path.isfile(path):
         print(f"targets from cache {path}")

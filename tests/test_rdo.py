@@ -306,6 +306,9 @@ def test_targets_are_cached_under_the_dim_direction(setup, tmp_path, monkeypatch
     assert C.get_targets(model, tok, HARMFUL[:3], HARMLESS[:3], v, 1, args) == t1 and len(calls) == 3  # cache hit
     C.get_targets(model, tok, HARMFUL[:3], HARMLESS[:3], v + 1e-3, 1, args)  # another DIM: another key
     assert len(calls) == 6 and len(os.listdir(args.cache)) == 2
+    monkeypatch.setitem(C.GREEDY, "repetition_penalty", 1.1)  # other decoding options: other targets
+    C.get_targets(model, tok, HARMFUL[:3], HARMLESS[:3], v, 1, args)
+    assert len(calls) == 9 and len(os.listdir(args.cache)) == 3
 
 
 def test_targets_are_generated_under_the_right_interventions(setup, tmp_path, monkeypatch):
