@@ -194,7 +194,8 @@ def main(argv=None):
             C.save_checkpoint(S.ckpt, ck)
             print(f"{name}: step {pick['step']}, bypass {pick['bypass']:.3f}, induce {pick['induce']:.3f}, "
                   f"kl {pick['kl']:.4f}")
-        best = min(ck["cands"], key=lambda c: c["scores"]["bypass"])  # Appendix A: the lowest validation refusal score
+        kept = C.lowest_bypass([c["scores"] for c in ck["cands"]])  # Appendix A: the lowest validation refusal
+        best = next(c for c in ck["cands"] if c["scores"] is kept)  # score; as within a candidate, passing ones first
         cos_dim = F.cosine_similarity(best["direction"], others[0].cpu(), dim=0).item()
         cands = [{n: v for n, v in c.items() if n != "direction"} for c in ck["cands"]]
         ck["found"].append({**best, "cos_with_dim": cos_dim, "candidates": cands})

@@ -225,8 +225,8 @@ def test_iteration_keeps_earlier_directions_fixed(setup, monkeypatch):
         torch.testing.assert_close(others[0].cpu(), dim_vec)  # the run may sit on a GPU
         if s >= 2:
             torch.testing.assert_close(others[1].cpu(), dirs[0], rtol=0, atol=0)
-    for f in meta["directions"]:  # the kept candidate has the lowest validation refusal score
-        assert f["scores"]["bypass"] == min(c["scores"]["bypass"] for c in f["candidates"])
+    for f in meta["directions"]:  # the kept candidate: the lowest validation refusal score, passing the filters first
+        assert f["scores"] == C.lowest_bypass([c["scores"] for c in f["candidates"]])
         assert len(f["candidates"]) == 2 and all(len(c["history"]) == 2 for c in f["candidates"])
     assert set(meta["figure6"]) == {"repind1", "repind2"} and len(meta["figure6"]["repind1"]["cos_dim_u_ablated"]) == 4
     assert meta["refusal_tokens"]["words"] == ["I"] and meta["loss_layers"] == 3 and meta["args"]["lambda_ret"] == 1.0
@@ -239,6 +239,18 @@ def test_iteration_keeps_earlier_directions_fixed(setup, monkeypatch):
     assert not os.path.exists(tmp / "run" / "repind_checkpoint.pt")
     assert len(masks) == 4 * 2 * 2  # candidates x steps x micro-batches
     assert all(tok.decode(row[m]) in HARMFUL for mask, ids in masks for row, m in zip(ids, mask))
+
+
+def test_the_kept_candidate_passes_the_filters_before_a_lower_near_miss(setup, monkeypatch):
+    base, tmp, _ = setup
+    scores = iter([(-5.0, ["kl>0.1"]), (-1.0, [])] * 2)  # per direction: seed 2k a near miss, seed 2k + 1 passing
+
+    def fake(model, tok, iterates, *a, **k):
+        bypass, discarded = next(scores)
+        return [{"step": len(iterates) - 1, "bypass": bypass, "induce": 1.0, "kl": 0.0, "discarded": discarded}]
+    monkeypatch.setattr(C, "score_iterates", fake)
+    repind.main(base + ["--out", str(tmp / "run")])
+    assert [f["seed"] for f in C.load_result(str(tmp / "run" / "repind.safetensors"))[1]["directions"]] == [1, 3]
 
 
 def test_training_weights_the_loss_and_the_schedule_watches_the_unweighted_sum(setup, monkeypatch):
