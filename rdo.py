@@ -41,8 +41,9 @@ beyond = p.add_argument_group("beyond the paper, continued")
 beyond.add_argument("--init", default=None, metavar="FILE",
                     help="start from this direction (a .safetensors file, or 'dim') instead of a random one")
 beyond.add_argument("--sign-warmup", type=int, default=0, metavar="K",
-                    help="the first K steps without the addition loss, then r takes the sign whose addition loss is "
-                         "lower (L_abl and L_ret are even in r, so the warm-up leaves its sign free)")
+                    help="the first K steps without the addition loss (the schedule watches L_abl + L_ret), then r "
+                         "takes the sign whose addition loss is lower (L_abl and L_ret are even in r, so the warm-up "
+                         "leaves its sign free), also where the schedule stops the run sooner")
 
 
 # ----------------------------------------------------------------------------- COMPUTELOSS
@@ -145,9 +146,14 @@ def main(argv=None):
             grad_norm = C.sphere_step(opt, r, args.max_grad_norm)                       # Algorithm 1, line 5
             r.copy_(project_out(r, basis))
             r /= r.norm()                                                               # Algorithm 1, line 6
-            flipped = choose_sign(S, r, opt, examples) if s + 1 == args.sign_warmup else None
-        # the schedule watches the unweighted sum, as the authors' code does (the paper does not say)
-        state["done"] = C.plateau(state["plateau"], sum(losses.values()), opt, args.patience, args.lr_drops)
+        # the schedule watches the unweighted sum, as the authors' code does (the paper does not say); during
+        # --sign-warmup only the losses that train, and it starts over once the addition loss joins them
+        watched = sum(losses.values()) - (losses["add"] if s < args.sign_warmup else 0.0)
+        state["done"] = C.plateau(state["plateau"], watched, opt, args.patience, args.lr_drops)
+        warmup_ends = s < args.sign_warmup and (s + 1 == args.sign_warmup or state["done"])
+        flipped = choose_sign(S, r, opt, examples) if warmup_ends else None
+        if flipped is not None:
+            state["plateau"].update(best=float("inf"), bad=0)
         lr = opt.param_groups[0]["lr"]
         state["history"].append({"step": s, "loss": loss, **losses, "lr": lr, "grad_norm": grad_norm,
                                  **({"flipped": flipped} if flipped is not None else {})})

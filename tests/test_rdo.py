@@ -529,6 +529,22 @@ def test_sign_warmup_trains_without_the_addition_loss_then_chooses_the_sign(setu
         assert h["loss"] == pytest.approx(h["abl"] + 0.2 * h["add"] + h["ret"])
 
 
+def test_sign_warmup_schedule_watches_what_trains_and_a_stop_inside_it_still_chooses_the_sign(setup, monkeypatch):
+    base, tmp, _ = setup
+    real, seen = C.plateau, []
+    spy = lambda state, loss, *a: seen.append((state["best"], loss)) or real(state, loss, *a)
+    monkeypatch.setattr(C, "plateau", spy)
+    rdo.main(base + ["--max-steps", "3", "--sign-warmup", "2", "--out", str(tmp / "w")])
+    h = result(tmp / "w")[1]["history"]
+    assert [x for _, x in seen] == pytest.approx([h[0]["abl"] + h[0]["ret"], h[1]["abl"] + h[1]["ret"],
+                                                  h[2]["abl"] + h[2]["add"] + h[2]["ret"]])
+    assert seen[2][0] == float("inf")  # the schedule starts over when the addition loss joins
+    monkeypatch.setattr(C, "plateau", lambda *a: True)  # a plateau stop inside the warm-up ...
+    rdo.main(base + ["--max-steps", "3", "--sign-warmup", "2", "--out", str(tmp / "s")])
+    h = result(tmp / "s")[1]["history"]
+    assert len(h) == 1 and "flipped" in h[0]  # ... still leaves r the sign with the lower addition loss
+
+
 def test_judge_refusals_trains_on_refusal_targets_only(setup, monkeypatch):
     """The tiny model's targets are all alike: here t_refusal number i is "R<i>" and a stand-in judge calls every
     third one an answer."""
