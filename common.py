@@ -342,6 +342,12 @@ def refusal_scores(logits, refusal_ids):
     return logp[:, mask].logsumexp(-1) - logp[:, ~mask].logsumexp(-1)
 
 
+def filter_prompts(model, tok, prompts, refusal_ids, harmful, batch_size):
+    """The authors' filter: harmful prompts the model refuses (refusal score > 0), harmless ones it answers (< 0)."""
+    scores = refusal_scores(last_logits(model, tok, prompts, batch_size, desc="filter"), refusal_ids)
+    return [p for p, s in zip(prompts, scores.tolist()) if (s > 0 if harmful else s < 0)]
+
+
 def kl(p_logits, q_logits):
     """KL(P || Q) over the last axis, in float64 where the inputs are, fp32 at least."""
     up = torch.float64 if torch.float64 in (p_logits.dtype, q_logits.dtype) else torch.float32
@@ -733,8 +739,8 @@ def add_training_args(p, method):
     add_common_args(p, method, n_train=1184, n_val=128)
     a = p.add_argument
     a("--dim", default=None, help="dim.safetensors from dim.py (default: compute DIM here with dim.py's defaults)")
-    a("--no-filter", action="store_true", help="the DIM computed here keeps every prompt (default: the authors' "
-      "refusal-score filter, as dim.py)")
+    a("--no-filter", action="store_true", help="keep every prompt, in the DIM computed here and in the selection's "
+      "validation prompts (default: the authors' refusal-score filter, as dim.py)")
     a("--layer", type=int, default=None, help="addition layer (default: the DIM layer)")
     a("--alpha", type=float, default=None, help="addition strength (default: the DIM direction's norm)")
     a("--lr", type=float, default=0.01, help="AdamW learning rate")
@@ -815,6 +821,11 @@ def training_setup(args, method):
     dim_vec, dim_layer = load_direction(dim_path, model)[0], dim_meta["layer"]
     words = args.refusal_tokens or dim_meta.get("refusal_tokens", {}).get("words")  # dim.py's, where it found them
     refusal_ids, refusal_info = refusal_tokens(model, tok, harm, words, batch_size=args.batch_size)
+    if not args.no_filter:  # the selection scores prompts that the model refuses / answers, as dim.py's does
+        harm_val = filter_prompts(model, tok, harm_val, refusal_ids, True, args.batch_size) or harm_val
+        safe_val = filter_prompts(model, tok, safe_val, refusal_ids, False, args.batch_size) or safe_val
+        print(f"selection on the {len(harm_val)} harmful and {len(safe_val)} harmless validation prompts the filter "
+              "kept (all where it kept none)")
     layer = check_layer(model, dim_layer if args.layer is None else args.layer)
     alpha = args.alpha if args.alpha is not None else dim_vec.norm().item()
     targets = get_targets(model, tok, harm[:n], safe[:n], dim_vec, dim_layer, args)  # DIM acts at its own layer

@@ -47,18 +47,12 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def filter_prompts(model, tok, prompts, refusal_ids, harmful, batch_size):
-    """The authors' filter: harmful prompts the model refuses (refusal score > 0), harmless ones it answers (< 0)."""
-    scores = C.refusal_scores(C.last_logits(model, tok, prompts, batch_size, desc="filter"), refusal_ids)
-    return [p for p, s in zip(prompts, scores.tolist()) if (s > 0 if harmful else s < 0)]
-
-
 def filter_data(model, tok, data, refusal_ids, batch_size):
     """Step 0 on (harm_train, harm_val, safe_train, safe_val): the kept prompts and {split: [kept, total]}."""
     kept = []
     for name, prompts in zip(SPLITS, data):
         harmful = name.startswith("harmful")
-        kept.append(filter_prompts(model, tok, prompts, refusal_ids, harmful, batch_size))
+        kept.append(C.filter_prompts(model, tok, prompts, refusal_ids, harmful, batch_size))
         if not kept[-1]:
             raise C.RefusalError(f"the refusal-score filter kept none of the {len(prompts)} {name.replace('_', ' ')} "
                                  f"prompts (score {'> 0' if harmful else '< 0'}): pass --no-filter, or other "

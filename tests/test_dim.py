@@ -29,8 +29,8 @@ def test_prompt_filter_keeps_harmful_above_zero_and_harmless_below_zero_only(mon
     scores = torch.tensor([1.0, 0.0, -1.0], dtype=torch.float64)
     monkeypatch.setattr(dim.C, "last_logits", lambda *a, **k: None)
     monkeypatch.setattr(dim.C, "refusal_scores", lambda *a, **k: scores)
-    assert dim.filter_prompts(None, None, ["a", "b", "c"], None, True, 4) == ["a"]  # harmful: refused (> 0)
-    assert dim.filter_prompts(None, None, ["a", "b", "c"], None, False, 4) == ["c"]  # harmless: answered (< 0)
+    assert C.filter_prompts(None, None, ["a", "b", "c"], None, True, 4) == ["a"]  # harmful: refused (> 0)
+    assert C.filter_prompts(None, None, ["a", "b", "c"], None, False, 4) == ["c"]  # harmless: answered (< 0)
 
 
 def test_filter_prompts_reads_the_refusal_tokens_probability(monkeypatch):
@@ -38,13 +38,13 @@ def test_filter_prompts_reads_the_refusal_tokens_probability(monkeypatch):
     logits = torch.zeros(4, 10)
     logits[[0, 2], 5] = 10.0
     monkeypatch.setattr(C, "last_logits", lambda model, tok, prompts, bs, desc=None: logits)
-    assert dim.filter_prompts(None, None, HARMFUL[:4], [5], True, 2) == [HARMFUL[0], HARMFUL[2]]
-    assert dim.filter_prompts(None, None, HARMFUL[:4], [5], False, 2) == [HARMFUL[1], HARMFUL[3]]
+    assert C.filter_prompts(None, None, HARMFUL[:4], [5], True, 2) == [HARMFUL[0], HARMFUL[2]]
+    assert C.filter_prompts(None, None, HARMFUL[:4], [5], False, 2) == [HARMFUL[1], HARMFUL[3]]
 
 
 def test_filter_data_cuts_the_harmless_train_prompts_to_the_harmful_count(monkeypatch):
     """A stand-in score: +1 for the HARMFUL prompts, -1 for the others, on splits that mix both kinds."""
-    monkeypatch.setattr(dim, "filter_prompts", lambda model, tok, prompts, ids, harmful, bs:
+    monkeypatch.setattr(C, "filter_prompts", lambda model, tok, prompts, ids, harmful, bs:
                         [p for p in prompts if (p in HARMFUL) == harmful])
     data = (HARMFUL[:2] + HARMLESS[6:], HARMFUL[2:5] + HARMLESS[5:6], HARMLESS[:4] + HARMFUL[7:], HARMLESS[4:5])
     kept, counts = dim.filter_data(None, None, data, None, 4)

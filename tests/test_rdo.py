@@ -512,6 +512,24 @@ def test_init_starts_from_the_given_direction_with_the_same_batches(setup, monke
     assert batches[:2] == batches[2:4] == batches[4:6] and len(batches) == 6  # the seed's batches, whatever the start
 
 
+def test_selection_scores_the_validation_prompts_the_filter_keeps(setup, monkeypatch):
+    """As dim.py: harmful validation prompts the model refuses, harmless ones it answers; all with --no-filter, and
+    all where the filter keeps none."""
+    base, tmp, _ = setup
+    seen, real = [], C.score_iterates
+    monkeypatch.setattr(C, "score_iterates", lambda m, t, its, a, l, hv, sv, *r, **k: seen.append((hv, sv)) or real(
+        m, t, its, a, l, hv, sv, *r, **k))
+    keep = {True: lambda ps: ps[:1], False: lambda ps: ps[1:]}  # harmful: the first prompt; harmless: the others
+    monkeypatch.setattr(C, "filter_prompts", lambda model, tok, ps, ids, harmful, bs: keep[harmful](ps))
+    for name, extra in (("kept", []), ("all", ["--no-filter"])):
+        rdo.main(base + ["--max-steps", "2", "--out", str(tmp / name)] + extra)
+    keep[True] = lambda ps: []
+    rdo.main(base + ["--max-steps", "2", "--out", str(tmp / "none")])
+    (hv, sv), (hv_all, sv_all), (hv_none, _) = seen
+    assert hv == hv_all[:1] and sv == sv_all[1:] and hv_none == hv_all and len(hv_all) > 1
+    assert result(tmp / "kept")[1]["data"]["harmful_val"] == 1 and result(tmp / "all")[1]["args"]["no_filter"]
+
+
 def test_sign_warmup_trains_without_the_addition_loss_then_chooses_the_sign(setup):
     base, tmp, _ = setup
     rdo.main(base + ["--max-steps", "3", "--sign-warmup", "2", "--out", str(tmp / "w")])
