@@ -150,9 +150,9 @@ def main(argv=None):
         # --sign-warmup only the losses that train, and it starts over once the addition loss joins them
         watched = sum(losses.values()) - (losses["add"] if s < args.sign_warmup else 0.0)
         state["done"] = C.plateau(state["plateau"], watched, opt, args.patience, args.lr_drops)
-        warmup_ends = s < args.sign_warmup and (s + 1 == args.sign_warmup or state["done"])
-        flipped = choose_sign(S, r, opt, examples) if warmup_ends else None
-        if flipped is not None:
+        flipped = None
+        if s < args.sign_warmup and (s + 1 == args.sign_warmup or state["done"]):  # the warm-up ends here
+            flipped = choose_sign(S, r, opt, examples)
             state["plateau"].update(best=float("inf"), bad=0)
         lr = opt.param_groups[0]["lr"]
         state["history"].append({"step": s, "loss": loss, **losses, "lr": lr, "grad_norm": grad_norm,
